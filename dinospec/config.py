@@ -1,0 +1,360 @@
+"""Typed run configuration: dataclass schema, YAML presets, command-line overrides, validation.
+
+A run's config is ``default.yaml <- --config files <- presets (model=NAME, spec=NAME) <- key=value overrides``.
+Every key is checked against the schema before anything runs or is written: an unknown key or a value of the
+wrong type raises :class:`ConfigError` naming the key and the closest valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+PRESET_KINDS = ("model", "spec")  # `model=vit_large` loads configs/model/vit_large.yaml, etc.
+
+
+class ConfigError(ValueError):
+    """A configuration problem found before the run starts."""
+
+
+@dataclass
+class StudentConfig:
+    """The backbone (DINOv2 calls it `student`; the teacher is built identically)."""
+
+    arch: str = "vit_small"
+    """Size preset from dinospec.models.vit.ARCHS: vit_pico, vit_tiny, vit_small, vit_base, vit_large, vit_giant2."""
+    patch_size: int = 14
+    embed_dim: Optional[int] = None
+    """Overrides of the arch preset (null = take the preset's value)."""
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    ffn_layer: Optional[str] = None
+    """mlp | swiglu (null = the arch preset's)."""
+    mlp_ratio: float = 4.0
+    num_register_tokens: int = 0
+    drop_path_rate: float = 0.1
+    """Stochastic depth of the student (the teacher never drops)."""
+    layerscale: Optional[float] = 1.0e-5
+    """LayerScale init value; null disables LayerScale."""
+    qkv_bias: bool = True
+    proj_bias: bool = True
+    ffn_bias: bool = True
+    attn_backend: str = "sdpa"
+    """sdpa (any device) | xformers (GPU only, optional install)."""
+    interpolate_offset: float = 0.1
+    """DINOv2's offset when interpolating position embeddings to another grid."""
+    interpolate_antialias: bool = False
+    pretrained_weights: Optional[str] = None
+    """A dinospec export dir or a DINOv2-format checkpoint to initialise student and teacher backbones from."""
+
+
+@dataclass
+class SpecConfig:
+    """Token-type specialization: which layers get one parameter set per token group, in which blocks.
+
+    Block ranges: "none", "all", "0:8", "0:1/3" (fractions of depth, rounded), "first_third", "first_half",
+    "2,5,7". Groups partition the token types cls / reg / patch.
+    """
+
+    groups: List[List[str]] = field(default_factory=lambda: [["cls"], ["reg", "patch"]])
+    norm1: str = "none"
+    qkv: str = "none"
+    proj: str = "none"
+    norm2: str = "none"
+    mlp: str = "none"
+    ls1: str = "none"
+    ls2: str = "none"
+    final_norm: bool = False
+
+
+@dataclass
+class DinoConfig:
+    loss_weight: float = 1.0
+    head_n_prototypes: int = 65536
+    head_bottleneck_dim: int = 256
+    head_nlayers: int = 3
+    head_hidden_dim: int = 2048
+    koleo_loss_weight: float = 0.1
+    koleo_scope: str = "rank"
+    """rank (per-rank batch, as DINOv2) | global (all ranks gathered: the same loss for any number of ranks)."""
+
+
+@dataclass
+class IbotConfig:
+    loss_weight: float = 1.0
+    mask_sample_probability: float = 0.5
+    mask_ratio_min_max: List[float] = field(default_factory=lambda: [0.1, 0.5])
+    separate_head: bool = False
+    head_n_prototypes: int = 65536
+    head_bottleneck_dim: int = 256
+    head_nlayers: int = 3
+    head_hidden_dim: int = 2048
+
+
+@dataclass
+class TeacherConfig:
+    momentum_teacher: float = 0.992
+    final_momentum_teacher: float = 1.0
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.07
+    warmup_teacher_temp_epochs: int = 30
+    student_temp: float = 0.1
+    centering: str = "sinkhorn_knopp"
+    """sinkhorn_knopp | centering (softmax with an EMA centre)."""
+    center_momentum: float = 0.9
+    sinkhorn_iterations: int = 3
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 100
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    base_lr: float = 0.004
+    """Learning rate at a total batch of 1024; scaled by `scaling_rule`."""
+    scaling_rule: str = "sqrt_wrt_1024"
+    """sqrt_wrt_1024 | linear_wrt_256 | none."""
+    warmup_epochs: int = 10
+    min_lr: float = 1.0e-6
+    clip_grad: float = 3.0
+    freeze_last_layer_epochs: int = 1
+    layerwise_decay: float = 0.9
+    patch_embed_lr_mult: float = 0.2
+    adamw_beta1: float = 0.9
+    adamw_beta2: float = 0.999
+
+
+@dataclass
+class CropsConfig:
+    global_crops_scale: List[float] = field(default_factory=lambda: [0.32, 1.0])
+    local_crops_number: int = 8
+    local_crops_scale: List[float] = field(default_factory=lambda: [0.05, 0.32])
+    global_crops_size: int = 224
+    local_crops_size: int = 98
+    blur_probabilities: str = "intended"
+    """intended (global-1 1.0, global-2 0.1, local 0.5) | upstream (DINOv2/v3 code as shipped: global ones swapped)."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/demo"
+    """An image folder (labels from subfolders if any), a file list (.txt), or a folder/glob of .tar shards."""
+    kind: str = "auto"
+    """auto | folder | filelist | tar."""
+    num_workers: int = 8
+    pin_memory: bool = True
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    batch_size_per_gpu: int = 64
+    official_epoch_length: int = 1250
+    """Iterations per "epoch" (DINOv2's OFFICIAL_EPOCH_LENGTH): schedules count in these epochs."""
+    max_steps: Optional[int] = None
+    """Stop after this many steps (null = optim.epochs * official_epoch_length)."""
+    log_every: int = 10
+    nonfinite: str = "stop"
+    """What a non-finite loss does: stop (error naming the step) | skip (drop the step, up to max_nonfinite_skips)."""
+    max_nonfinite_skips: int = 10
+    deterministic: bool = False
+    """Deterministic kernels (bitwise-reproducible CPU runs; slower on GPU)."""
+
+
+@dataclass
+class ComputeConfig:
+    device: str = "auto"
+    """auto | cpu | cuda."""
+    precision: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16."""
+    compile: bool = False
+    """torch.compile each backbone block."""
+    strategy: str = "auto"
+    """auto (FSDP2 on GPU with >1 rank, DDP on CPU with >1 rank, plain module alone) | fsdp | ddp | none."""
+
+
+@dataclass
+class CheckpointConfig:
+    period_steps: int = 1000
+    keep_last: int = 3
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of this (0 = none)."""
+    async_save: bool = False
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "dinospec"
+    entity: Optional[str] = None
+    mode: str = "online"
+    """online | offline."""
+    name: Optional[str] = None
+
+
+@dataclass
+class LoggingConfig:
+    progress: bool = True
+    plots: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class RunConfig:
+    student: StudentConfig = field(default_factory=StudentConfig)
+    spec: SpecConfig = field(default_factory=SpecConfig)
+    dino: DinoConfig = field(default_factory=DinoConfig)
+    ibot: IbotConfig = field(default_factory=IbotConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    crops: CropsConfig = field(default_factory=CropsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# validation with suggestions
+
+
+def _schema_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    if isinstance(node, DictConfig):
+        for k in node.keys():
+            full = f"{prefix}{k}"
+            keys.append(full)
+            keys.extend(_schema_keys(node._get_node(k), full + "."))
+    return keys
+
+
+def _check_keys(schema: DictConfig, update: Any, source: str, prefix: str = "") -> None:
+    """Raise ConfigError for the first key of `update` the schema does not have, with the closest valid key."""
+    if not isinstance(update, DictConfig):
+        return
+    for k in update.keys():
+        full = f"{prefix}{k}"
+        if k not in schema:
+            candidates = _schema_keys(OmegaConf.structured(RunConfig))
+            close = difflib.get_close_matches(full, candidates, n=1, cutoff=0.4)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key '{full}' (from {source}){hint}")
+        sub = schema._get_node(k)
+        if isinstance(sub, DictConfig) and not OmegaConf.is_missing(update, k):
+            _check_keys(sub, update._get_node(k), source, full + ".")
+
+
+def _merge(base: DictConfig, update: DictConfig, source: str) -> DictConfig:
+    _check_keys(base, update, source)
+    try:
+        return OmegaConf.merge(base, update)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"bad value for config key '{key}' (from {source}): {msg}") from None
+
+
+def preset_path(kind: str, name: str) -> Path:
+    path = CONFIG_DIR / kind / f"{name}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in (CONFIG_DIR / kind).glob("*.yaml"))
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown {kind} preset '{name}' (available: {', '.join(names)}){hint}")
+    return path
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    cfg = OmegaConf.load(path)
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"config file {path} must hold a mapping")
+    return cfg
+
+
+def load_config(config_files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> DictConfig:
+    """Build a validated run config: default.yaml <- config_files <- presets <- dotlist overrides."""
+    cfg = OmegaConf.structured(RunConfig)
+    cfg = _merge(cfg, _load_yaml(CONFIG_DIR / "default.yaml"), "configs/default.yaml")
+    for f in config_files:
+        cfg = _merge(cfg, _load_yaml(Path(f)), str(f))
+    dotlist = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, value = item.split("=", 1)
+        if key in PRESET_KINDS:
+            if key == "spec":  # a spec preset replaces the whole section, so presets never mix
+                cfg.spec = OmegaConf.structured(SpecConfig)
+            cfg = _merge(cfg, _load_yaml(preset_path(key, value)), f"{key}={value}")
+        else:
+            dotlist.append(item)
+    for item in dotlist:  # one at a time, so an error names its own override
+        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
+    OmegaConf.set_readonly(cfg, False)
+    validate(cfg)
+    return cfg
+
+
+_CHOICES = {
+    "student.ffn_layer": (None, "mlp", "swiglu"),
+    "student.attn_backend": ("sdpa", "xformers"),
+    "dino.koleo_scope": ("rank", "global"),
+    "teacher.centering": ("sinkhorn_knopp", "centering"),
+    "optim.scaling_rule": ("sqrt_wrt_1024", "linear_wrt_256", "none"),
+    "crops.blur_probabilities": ("intended", "upstream"),
+    "data.kind": ("auto", "folder", "filelist", "tar"),
+    "train.nonfinite": ("stop", "skip"),
+    "compute.device": ("auto", "cpu", "cuda"),
+    "compute.precision": ("auto", "fp32", "bf16"),
+    "compute.strategy": ("auto", "fsdp", "ddp", "none"),
+    "logging.wandb.mode": ("online", "offline"),
+}
+
+
+def validate(cfg: DictConfig) -> None:
+    """Semantic checks the type system cannot express (choices, ranges, spec syntax)."""
+    for key, choices in _CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices if c is not None], n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"config key '{key}' = {value!r} is not one of {list(choices)}{hint}")
+    from dinospec.models.specialize import SpecError, resolve_spec  # local: models import config types
+    from dinospec.models.vit import arch_kwargs
+
+    try:
+        kw = arch_kwargs(cfg.student)
+        resolve_spec(cfg.spec, kw["depth"])
+    except (SpecError, KeyError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    for name in ("global_crops_scale", "local_crops_scale"):
+        lo, hi = cfg.crops[name]
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f"config key 'crops.{name}' = {[lo, hi]} must satisfy 0 < min <= max <= 1")
+    lo, hi = cfg.ibot.mask_ratio_min_max
+    if not 0 <= lo <= hi < 1:
+        raise ConfigError(f"config key 'ibot.mask_ratio_min_max' = {[lo, hi]} must satisfy 0 <= min <= max < 1")
+    for name in ("global_crops_size", "local_crops_size"):
+        if cfg.crops[name] % cfg.student.patch_size:
+            raise ConfigError(
+                f"config key 'crops.{name}' = {cfg.crops[name]} is not a multiple of "
+                f"student.patch_size = {cfg.student.patch_size}"
+            )
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def as_container(cfg: DictConfig | ListConfig) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True)

@@ -1,0 +1,292 @@
+"""A Vision Transformer in the DINOv2 family whose layers can route each token type through its own parameters.
+
+Parameter names follow DINOv2 / timm (``cls_token, register_tokens, pos_embed, mask_token, patch_embed.proj,
+blocks.i.{norm1, attn.qkv, attn.proj, ls1.gamma, norm2, mlp.fc1, mlp.fc2 | mlp.w12, mlp.w3, ls2.gamma}, norm``);
+a routed slot adds a group index (``blocks.0.norm1.1.weight``). Which slots are routed comes from a ResolvedSpec.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import stochastic_depth
+
+from dinospec.models.routed import Routing, make_slot, route
+from dinospec.models.specialize import ResolvedSpec, resolve_spec, vanilla_spec
+
+# embed_dim, depth, num_heads, ffn_layer: DINOv2's sizes plus two small ones for CPU development and tests
+ARCHS: dict[str, dict[str, Any]] = {
+    "vit_pico": dict(embed_dim=64, depth=6, num_heads=4, ffn_layer="mlp"),
+    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3, ffn_layer="mlp"),
+    "vit_small": dict(embed_dim=384, depth=12, num_heads=6, ffn_layer="mlp"),
+    "vit_base": dict(embed_dim=768, depth=12, num_heads=12, ffn_layer="mlp"),
+    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16, ffn_layer="mlp"),
+    "vit_giant2": dict(embed_dim=1536, depth=40, num_heads=24, ffn_layer="swiglu"),
+}
+
+
+def arch_kwargs(student: Mapping[str, Any]) -> dict[str, Any]:
+    """Size of the backbone: the arch preset with any explicit embed_dim/depth/num_heads/ffn_layer on top."""
+    if student["arch"] not in ARCHS:
+        raise KeyError(f"unknown student.arch {student['arch']!r} (available: {', '.join(ARCHS)})")
+    kw = dict(ARCHS[student["arch"]])
+    for key in ("embed_dim", "depth", "num_heads", "ffn_layer"):
+        if student.get(key) is not None:
+            kw[key] = student[key]
+    if kw["embed_dim"] % kw["num_heads"]:
+        raise ValueError(f"embed_dim {kw['embed_dim']} is not divisible by num_heads {kw['num_heads']}")
+    return kw
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _, _, h, w = x.shape
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {self.patch_size}")
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, H', W') -> (B, H'W', C)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init_values: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, bias: bool = True):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class SwiGLU(nn.Module):
+    """DINOv2's fused SwiGLU FFN (names w12, w3; hidden width 2/3 of the MLP's, rounded up to a multiple of 8)."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool = True):
+        super().__init__()
+        hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
+        self.w12 = nn.Linear(dim, 2 * hidden, bias=bias)
+        self.w3 = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x1, x2 = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(x1) * x2)
+
+
+FFN_LAYERS: dict[str, type[nn.Module]] = {"mlp": Mlp, "swiglu": SwiGLU}
+
+
+def _xformers_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    from xformers.ops import memory_efficient_attention  # optional GPU dependency, imported on use
+
+    # xformers wants (B, N, H, d)
+    out = memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over all tokens at once; qkv and proj may be routed per token group."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_groups: int, proj_groups: int, qkv_bias: bool,
+                 proj_bias: bool, backend: str = "sdpa"):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = make_slot(lambda: nn.Linear(dim, 3 * dim, bias=qkv_bias), qkv_groups)
+        self.proj = make_slot(lambda: nn.Linear(dim, dim, bias=proj_bias), proj_groups)
+        self.attend: Callable[[Tensor, Tensor, Tensor], Tensor] = (
+            _xformers_attention if backend == "xformers" else F.scaled_dot_product_attention
+        )
+
+    def forward(self, x: Tensor, routing: Routing) -> Tensor:
+        b, n, c = x.shape
+        qkv = route(self.qkv, x, routing).reshape(b, n, 3, self.num_heads, c // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, d)
+        x = self.attend(q, k, v).transpose(1, 2).reshape(b, n, c)  # (B, H, N, d) -> (B, N, C)
+        return route(self.proj, x, routing)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block. `groups(kind)` says how many parameter sets each slot holds (1 = shared)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, ffn_layer: str, drop_path: float,
+                 layerscale: float | None, groups: Callable[[str], int], qkv_bias: bool = True,
+                 proj_bias: bool = True, ffn_bias: bool = True, attn_backend: str = "sdpa"):
+        super().__init__()
+        norm = partial(nn.LayerNorm, dim, eps=1e-6)
+        ffn = FFN_LAYERS[ffn_layer]
+        self.norm1 = make_slot(norm, groups("norm1"))
+        self.attn = Attention(dim, num_heads, groups("qkv"), groups("proj"), qkv_bias, proj_bias, attn_backend)
+        self.ls1 = make_slot(lambda: LayerScale(dim, layerscale), groups("ls1")) if layerscale else nn.Identity()
+        self.norm2 = make_slot(norm, groups("norm2"))
+        self.mlp = make_slot(lambda: ffn(dim, int(dim * mlp_ratio), bias=ffn_bias), groups("mlp"))
+        self.ls2 = make_slot(lambda: LayerScale(dim, layerscale), groups("ls2")) if layerscale else nn.Identity()
+        self.drop_path = drop_path
+
+    def _residual(self, x: Tensor) -> Tensor:
+        # per-sample stochastic depth on the residual branch (the student only; the teacher is in eval mode)
+        return stochastic_depth(x, self.drop_path, "row", self.training) if self.drop_path > 0 else x
+
+    def forward(self, x: Tensor, routing: Routing) -> Tensor:
+        h = self.attn(route(self.norm1, x, routing), routing)
+        x = x + self._residual(route(self.ls1, h, routing))
+        h = route(self.mlp, route(self.norm2, x, routing), routing)
+        return x + self._residual(route(self.ls2, h, routing))
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, img_size: int = 224, patch_size: int = 14, embed_dim: int = 384, depth: int = 12,
+                 num_heads: int = 6, mlp_ratio: float = 4.0, ffn_layer: str = "mlp", num_register_tokens: int = 0,
+                 drop_path_rate: float = 0.0, layerscale: float | None = 1e-5, qkv_bias: bool = True,
+                 proj_bias: bool = True, ffn_bias: bool = True, attn_backend: str = "sdpa",
+                 interpolate_offset: float = 0.1, interpolate_antialias: bool = False,
+                 spec: ResolvedSpec | None = None):
+        super().__init__()
+        self.spec = spec or vanilla_spec()
+        self.img_size, self.patch_size = img_size, patch_size
+        self.embed_dim = self.num_features = embed_dim
+        self.num_register_tokens = num_register_tokens
+        self.interpolate_offset, self.interpolate_antialias = interpolate_offset, interpolate_antialias
+        grid = img_size // patch_size
+
+        self.patch_embed = PatchEmbed(patch_size, 3, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim))
+        self.register_tokens = nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) \
+            if num_register_tokens else None
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, ffn_layer, drop_path_rate, layerscale,
+                  partial(self.spec.groups_for, block=i), qkv_bias, proj_bias, ffn_bias, attn_backend)
+            for i in range(depth)
+        )
+        self.norm = make_slot(partial(nn.LayerNorm, embed_dim, eps=1e-6),
+                              self.spec.num_groups if self.spec.final_norm else 1)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """DINOv2's init: truncated-normal linears and position embedding, near-zero tokens."""
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        if self.register_tokens is not None:
+            nn.init.normal_(self.register_tokens, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def routing(self, num_patches: int) -> Routing:
+        return Routing.build(self.spec.group_of_type, self.num_register_tokens, num_patches)
+
+    def interpolate_pos_encoding(self, h: int, w: int) -> Tensor:
+        """Position embedding for an h x w image: the learned grid resized bicubically (as DINOv2)."""
+        pos = self.pos_embed
+        n = pos.shape[1] - 1
+        gh, gw = h // self.patch_size, w // self.patch_size
+        if gh * gw == n and gh == gw:
+            return pos
+        m = int(math.sqrt(n))
+        patch_pos = pos[:, 1:].reshape(1, m, m, -1).permute(0, 3, 1, 2).float()  # (1, D, M, M)
+        if self.interpolate_offset:
+            sx, sy = (gw + self.interpolate_offset) / m, (gh + self.interpolate_offset) / m
+            patch_pos = F.interpolate(patch_pos, scale_factor=(sy, sx), mode="bicubic",
+                                      antialias=self.interpolate_antialias)
+        else:
+            patch_pos = F.interpolate(patch_pos, size=(gh, gw), mode="bicubic", antialias=self.interpolate_antialias)
+        patch_pos = patch_pos.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, gh * gw, -1)
+        return torch.cat([pos[:, :1], patch_pos], dim=1)
+
+    def prepare_tokens(self, x: Tensor, masks: Tensor | None = None) -> Tensor:
+        """(B, 3, H, W) -> (B, 1 + R + N, D): patches (masked ones replaced by the mask token), cls, pos, registers."""
+        b, _, h, w = x.shape
+        x = self.patch_embed(x)
+        if masks is not None:
+            x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype).unsqueeze(0), x)
+        x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1)
+        x = x + self.interpolate_pos_encoding(h, w)
+        if self.register_tokens is not None:
+            x = torch.cat([x[:, :1], self.register_tokens.expand(b, -1, -1), x[:, 1:]], dim=1)
+        return x
+
+    def run_blocks(self, x: Tensor, routing: Routing) -> Tensor:
+        for block in self.blocks:
+            x = block(x, routing)
+        return x
+
+    def forward_features(self, x: Tensor, masks: Tensor | None = None) -> dict[str, Tensor | None]:
+        """DINOv2's output dict: normalised cls / register / patch tokens, the pre-norm sequence and the masks."""
+        x = self.prepare_tokens(x, masks)
+        routing = self.routing(x.shape[1] - 1 - self.num_register_tokens)
+        x = self.run_blocks(x, routing)
+        x_norm = route(self.norm, x, routing)
+        r = self.num_register_tokens
+        return {
+            "x_norm_clstoken": x_norm[:, 0],
+            "x_norm_regtokens": x_norm[:, 1 : r + 1],
+            "x_norm_patchtokens": x_norm[:, r + 1 :],
+            "x_prenorm": x,
+            "masks": masks,
+        }
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_features(x)["x_norm_clstoken"]
+
+    def get_intermediate_layers(self, x: Tensor, n: int | list[int] = 1, reshape: bool = False,
+                                return_class_token: bool = False, norm: bool = True) -> tuple:
+        """Outputs of the last n blocks (or of the listed block indices), as DINOv2's method of the same name."""
+        b, _, h, w = x.shape
+        x = self.prepare_tokens(x)
+        routing = self.routing(x.shape[1] - 1 - self.num_register_tokens)
+        wanted = set(range(len(self.blocks) - n, len(self.blocks))) if isinstance(n, int) else set(n)
+        outputs = []
+        for i, block in enumerate(self.blocks):
+            x = block(x, routing)
+            if i in wanted:
+                outputs.append(route(self.norm, x, routing) if norm else x)
+        r = self.num_register_tokens
+        cls = [o[:, 0] for o in outputs]
+        patches = [o[:, 1 + r :] for o in outputs]
+        if reshape:
+            gh, gw = h // self.patch_size, w // self.patch_size
+            patches = [p.reshape(b, gh, gw, -1).permute(0, 3, 1, 2).contiguous() for p in patches]
+        return tuple(zip(patches, cls)) if return_class_token else tuple(patches)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token", "register_tokens", "mask_token"}
+
+
+def build_backbone(student: Mapping[str, Any], spec: Mapping[str, Any], img_size: int = 224) -> VisionTransformer:
+    """The backbone a run's config describes (`student` and `spec` sections)."""
+    kw = arch_kwargs(student)
+    return VisionTransformer(
+        img_size=img_size,
+        patch_size=student["patch_size"],
+        mlp_ratio=student["mlp_ratio"],
+        num_register_tokens=student["num_register_tokens"],
+        drop_path_rate=student["drop_path_rate"],
+        layerscale=student["layerscale"],
+        qkv_bias=student["qkv_bias"],
+        proj_bias=student["proj_bias"],
+        ffn_bias=student["ffn_bias"],
+        attn_backend=student["attn_backend"],
+        interpolate_offset=student["interpolate_offset"],
+        interpolate_antialias=student["interpolate_antialias"],
+        spec=resolve_spec(spec, kw["depth"]),
+        **kw,
+    )
