@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import sys
 from typing import Callable
@@ -31,10 +33,18 @@ def cmd_model_info(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] = {}
+# subcommand -> (module, help). Each module defines `add_arguments(parser)` and `run(args) -> int`.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("dinospec.trainer", "SSL pretraining (one process, torchrun, or SLURM tasks)"),
+    "submit": ("dinospec.launch", "submit a training job to SLURM through submitit (requeues itself)"),
+    "export": ("dinospec.export", "export a run's teacher backbone as safetensors + config.json"),
+    "eval": ("dinospec.eval.cli", "k-NN, linear or segmentation-probe evaluation of a frozen backbone"),
+    "analyze": ("dinospec.analysis", "the paper's token-type analyses and PCA pictures of a backbone"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; with `only`, import just that subcommand's module (keeps start-up fast)."""
     parser = argparse.ArgumentParser(prog="dinospec", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -43,26 +53,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_model_info)
 
-    for name, (help_text, add_args, target) in COMMANDS.items():
+    for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
-        add_args(p)
-        p.set_defaults(func=_lazy(target))
+        if only not in (None, name) or importlib.util.find_spec(module) is None:
+            continue
+        mod = importlib.import_module(module)
+        mod.add_arguments(p)
+        p.set_defaults(func=mod.run)
     return parser
 
 
-def _lazy(target: str) -> Callable[[argparse.Namespace], int]:
-    """Import a subcommand's module only when it runs (keeps `dinospec --help` fast)."""
-
-    def run(args: argparse.Namespace) -> int:
-        module, func = target.rsplit(":", 1)
-        mod = __import__(module, fromlist=[func])
-        return getattr(mod, func)(args)
-
-    return run
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    only = argv[0] if argv and argv[0] in COMMANDS else None
+    args = build_parser(only).parse_args(argv)
+    if not hasattr(args, "func"):
+        print(f"dinospec: '{args.command}' is not available in this install", file=sys.stderr)
+        return 2
     try:
         return args.func(args) or 0
     except ConfigError as e:
