@@ -159,7 +159,7 @@ class TrainConfig:
     official_epoch_length: int = 1250
     """Iterations per "epoch" (DINOv2's OFFICIAL_EPOCH_LENGTH): schedules count in these epochs."""
     max_steps: Optional[int] = None
-    """Stop after this many steps (null = optim.epochs * official_epoch_length)."""
+    """Stop after this many steps (null = optim.epochs * official_epoch_length); the schedules keep their length."""
     log_every: int = 10
     nonfinite: str = "stop"
     """What a non-finite loss does: stop (error naming the step) | skip (drop the step, up to max_nonfinite_skips)."""
@@ -299,6 +299,9 @@ def load_config(config_files: Sequence[str | Path] = (), overrides: Sequence[str
         else:
             dotlist.append(item)
     for item in dotlist:  # one at a time, so an error names its own override
+        key, value = item.split("=", 1)
+        if key.startswith("spec.") and ":" in value and value[:1] not in "'\"":
+            item = f"{key}='{value}'"  # unquoted, YAML reads the block range 4:8 as the base-60 integer 248
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
     OmegaConf.set_readonly(cfg, False)
     validate(cfg)

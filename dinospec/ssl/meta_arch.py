@@ -1,0 +1,124 @@
+"""Student and EMA teacher around one backbone config, and the DINOv2 loss assembly (DINO + iBOT + KoLeo).
+
+The student is one module whose single forward runs every crop through backbone and heads: DDP and FSDP2 then see
+one forward and one backward per step. The teacher is a frozen copy updated by EMA; it sees the global crops only,
+without drop-path, and gives the targets (centred by an EMA centre or by Sinkhorn-Knopp).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from dinospec.models.heads import DINOHead
+from dinospec.models.vit import VisionTransformer, build_backbone
+from dinospec.ssl.losses import DINOLoss, IBOTPatchLoss, KoLeoLoss
+
+
+def _heads(cfg: Any, dim: int) -> dict[str, nn.Module]:
+    d, i = cfg.dino, cfg.ibot
+    heads = {"dino_head": DINOHead(dim, d.head_n_prototypes, d.head_hidden_dim, d.head_bottleneck_dim,
+                                   d.head_nlayers)}
+    if i.separate_head:
+        heads["ibot_head"] = DINOHead(dim, i.head_n_prototypes, i.head_hidden_dim, i.head_bottleneck_dim,
+                                      i.head_nlayers)
+    return heads
+
+
+class Student(nn.Module):
+    """Backbone + heads; forward(global crops, local crops, masks) gives everything the losses need."""
+
+    def __init__(self, backbone: VisionTransformer, heads: dict[str, nn.Module]):
+        super().__init__()
+        self.backbone = backbone
+        self.dino_head = heads["dino_head"]
+        self.ibot_head = heads.get("ibot_head")
+
+    def forward(self, global_crops: Tensor, local_crops: Tensor | None, masks: Tensor) -> dict[str, Tensor]:
+        g = self.backbone.forward_features(global_crops, masks)
+        cls_g = g["x_norm_clstoken"]  # (2B, D)
+        patches = g["x_norm_patchtokens"].flatten(0, 1)  # (2B*N, D)
+        masked = patches[masks.flatten()]  # (M, D) student tokens at masked positions
+        cls_l = self.backbone.forward_features(local_crops)["x_norm_clstoken"] if local_crops is not None else None
+        n_g, n_l = cls_g.shape[0], 0 if cls_l is None else cls_l.shape[0]
+        if self.ibot_head is None:  # shared head: one call over all tokens
+            tokens = torch.cat([cls_g] + ([cls_l] if cls_l is not None else []) + [masked])
+            logits = self.dino_head(tokens)
+            dino_g, dino_l, ibot = logits[:n_g], logits[n_g : n_g + n_l], logits[n_g + n_l :]
+        else:
+            dino = self.dino_head(torch.cat([cls_g, cls_l]) if cls_l is not None else cls_g)
+            dino_g, dino_l, ibot = dino[:n_g], dino[n_g:], self.ibot_head(masked)
+        return {"cls": cls_g, "dino_global": dino_g, "dino_local": dino_l if n_l else None, "ibot": ibot}
+
+
+class SSLMetaArch(nn.Module):
+    """Holds student, teacher and the loss modules (whose centres are buffers, so they are checkpointed)."""
+
+    def __init__(self, cfg: Any):
+        super().__init__()
+        self.cfg = cfg
+        img = cfg.crops.global_crops_size
+        student_backbone = build_backbone(cfg.student, cfg.spec, img_size=img)
+        teacher_backbone = build_backbone({**cfg.student, "drop_path_rate": 0.0}, cfg.spec, img_size=img)
+        dim = student_backbone.embed_dim
+        self.student = Student(student_backbone, _heads(cfg, dim))
+        self.teacher = Student(teacher_backbone, _heads(cfg, dim))
+        self.teacher.load_state_dict(self.student.state_dict())
+        self.teacher.requires_grad_(False)
+        t = cfg.teacher
+        self.dino_loss = DINOLoss(cfg.dino.head_n_prototypes, student_temp=t.student_temp,
+                                  center_momentum=t.center_momentum)
+        ibot_k = cfg.ibot.head_n_prototypes if cfg.ibot.separate_head else cfg.dino.head_n_prototypes
+        self.ibot_loss = IBOTPatchLoss(ibot_k, student_temp=t.student_temp,
+                                       center_momentum=t.center_momentum)
+        self.koleo_loss = KoLeoLoss(scope=cfg.dino.koleo_scope)
+
+    def num_layers(self) -> int:
+        return len(self.student.backbone.blocks)
+
+    @torch.no_grad()
+    def teacher_targets(self, global_crops: Tensor, masks: Tensor, temp: float) -> tuple[Tensor, Tensor]:
+        """Teacher probabilities for the DINO ([CLS]) and iBOT (masked patches) losses."""
+        g = self.teacher.backbone.forward_features(global_crops)
+        cls = g["x_norm_clstoken"]
+        masked = g["x_norm_patchtokens"].flatten(0, 1)[masks.flatten()]
+        if self.teacher.ibot_head is None:
+            logits = self.teacher.dino_head(torch.cat([cls, masked]))
+            cls_logits, patch_logits = logits[: cls.shape[0]], logits[cls.shape[0] :]
+        else:
+            cls_logits, patch_logits = self.teacher.dino_head(cls), self.teacher.ibot_head(masked)
+        if self.cfg.teacher.centering == "sinkhorn_knopp":
+            n_iter = self.cfg.teacher.sinkhorn_iterations
+            return (self.dino_loss.sinkhorn_knopp_teacher(cls_logits, temp, n_iter),
+                    self.ibot_loss.sinkhorn_knopp_teacher(patch_logits, temp, n_iter))
+        dino_probs = self.dino_loss.softmax_center_teacher(cls_logits, temp)
+        ibot_probs = self.ibot_loss.softmax_center_teacher(patch_logits, temp)
+        self.dino_loss.update_center(cls_logits)
+        self.ibot_loss.update_center(patch_logits)
+        return dino_probs, ibot_probs
+
+    def losses(self, batch: dict[str, Any], teacher_temp: float,
+               student_forward: Callable[..., dict[str, Tensor]] | None = None) -> dict[str, Tensor]:
+        """All loss terms and their weighted total for one batch (student_forward: the DDP-wrapped student)."""
+        cfg = self.cfg
+        masks = batch["masks"]
+        dino_t, ibot_t = self.teacher_targets(batch["global_crops"], masks, teacher_temp)
+        out = (student_forward or self.student)(batch["global_crops"], batch.get("local_crops"), masks)
+        terms = {"dino_loss": self.dino_loss(out["dino_global"], out["dino_local"], dino_t)}
+        if cfg.ibot.loss_weight > 0:
+            terms["ibot_loss"] = self.ibot_loss(out["ibot"], ibot_t, masks)
+        if cfg.dino.koleo_loss_weight > 0:
+            terms["koleo_loss"] = sum(self.koleo_loss(c) for c in out["cls"].chunk(2))
+        total = cfg.dino.loss_weight * terms["dino_loss"]
+        total = total + cfg.ibot.loss_weight * terms.get("ibot_loss", 0.0)
+        total = total + cfg.dino.koleo_loss_weight * terms.get("koleo_loss", 0.0)
+        return {"loss": total, **terms}
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """teacher <- momentum * teacher + (1 - momentum) * student, on local shards when sharded."""
+        t = [p for p in self.teacher.parameters()]
+        s = [p.detach() for p in self.student.parameters()]
+        torch._foreach_lerp_(t, s, 1.0 - momentum)

@@ -1,0 +1,355 @@
+"""The training loop, readable top to bottom: `dinospec train --config X [overrides]`.
+
+    dinospec train --config configs/demo.yaml                                  # one process (CPU or GPU)
+    torchrun --nproc_per_node=8 -m dinospec.cli train model=vit_large spec=paper data.path=/data/imagenet/train
+    dinospec submit --nodes 4 --gpus-per-node 8 model=vit_large spec=paper ... # SLURM (dinospec/launch.py)
+
+A run directory holds config.yaml, metrics.jsonl, checkpoints/ and plots/. Training resumes from the latest good
+checkpoint of its run directory by default; a preemption signal (SIGTERM, SIGUSR1, SIGUSR2) finishes the current
+step, saves and exits with EXIT_PREEMPTED.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.checkpoint.stateful import Stateful
+
+from dinospec import dist
+from dinospec.checkpoint import Checkpointer
+from dinospec.config import ConfigError, load_config, to_yaml
+from dinospec.data.loader import build_ssl_loader
+from dinospec.metrics import MetricsLogger, plot_losses
+from dinospec.rng import capture_rng, restore_rng
+from dinospec.ssl.meta_arch import SSLMetaArch
+from dinospec.ssl.optim import apply_schedules, build_optimizer
+from dinospec.ssl.schedules import build_schedules
+
+log = logging.getLogger("dinospec")
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved on a signal, run me again to resume
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+# keys whose change makes a checkpoint unusable (the model or its heads would not match)
+INCOMPATIBLE_KEYS = ("student", "spec", "dino.head_", "ibot.head_", "ibot.separate_head", "crops.global_crops_size")
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss was NaN or inf (train.nonfinite=stop, or too many skipped steps)."""
+
+
+@dataclass
+class TrainOutcome:
+    status: str  # "finished" | "preempted"
+    step: int
+    run_dir: Path
+
+
+class ModelState(Stateful):
+    """Student, teacher and loss centres as DCP state: full FQNs, sharded or not."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_model_state_dict(self.model)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_model_state_dict(self.model, state_dict, options=StateDictOptions(strict=True))
+
+
+class OptimState(Stateful):
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_optimizer_state_dict(self.model, self.optimizer)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_optimizer_state_dict(self.model, self.optimizer, state_dict)
+
+
+class Progress(Stateful):
+    """Step, data position, skip count and every rank's RNG: what makes a resumed run continue the same run."""
+
+    def __init__(self, device: torch.device):
+        self.step = 0
+        self.nonfinite_skips = 0
+        self.device = device
+
+    def state_dict(self) -> dict[str, Any]:
+        rng = capture_rng()
+        out: dict[str, Any] = {"step": torch.tensor(self.step), "nonfinite_skips": torch.tensor(self.nonfinite_skips),
+                               "world_size": torch.tensor(dist.world_size())}
+        for key, value in rng.items():  # every rank's state in one replicated (W, ...) tensor
+            out[f"rng.{key}"] = _gather(value)
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.step = int(state_dict["step"])
+        self.nonfinite_skips = int(state_dict["nonfinite_skips"])
+        if int(state_dict["world_size"]) == dist.world_size():
+            restore_rng({k[4:]: v[dist.rank()] for k, v in state_dict.items() if k.startswith("rng.")})
+        else:  # another number of ranks: a fresh, deterministic stream per rank (data order does not depend on it)
+            log.warning("resuming on %d ranks from a %d-rank checkpoint: RNG streams reseeded",
+                        dist.world_size(), int(state_dict["world_size"]))
+            torch.manual_seed(1_000_003 * self.step + dist.rank())
+
+
+def _gather(t: torch.Tensor) -> torch.Tensor:
+    t = t.cpu()
+    if dist.world_size() == 1:
+        return t.unsqueeze(0)
+    import torch.distributed as tdist
+
+    parts = [torch.empty_like(t) for _ in range(dist.world_size())]
+    tdist.all_gather(parts, t)
+    return torch.stack(parts)
+
+
+class SignalFlag:
+    """Remembers a preemption signal; the loop checks it once per step (on every rank together)."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> "SignalFlag":
+        for sig in PREEMPTION_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def total_steps(cfg: DictConfig) -> int:
+    return cfg.train.max_steps if cfg.train.max_steps is not None else cfg.optim.epochs * cfg.train.official_epoch_length
+
+
+def check_compatible(saved_yaml: str, cfg: DictConfig) -> list[str]:
+    """Raise ConfigError when the saved run's model differs; return the compatible keys that changed."""
+    saved = OmegaConf.create(saved_yaml)
+    old, new = _flatten(OmegaConf.to_container(saved)), _flatten(OmegaConf.to_container(cfg))
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    bad = [k for k in changed if k.startswith(INCOMPATIBLE_KEYS)]
+    if bad:
+        detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in bad[:6])
+        raise ConfigError(f"the checkpoint was written by an incompatible config ({detail}); "
+                          f"use another train.output_dir or --no-resume with a new directory")
+    return changed
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix[:-1]: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+
+
+def _precision(cfg: DictConfig, device: torch.device) -> torch.dtype | None:
+    p = cfg.compute.precision
+    if p == "auto":
+        p = "bf16" if device.type == "cuda" else "fp32"
+    return torch.bfloat16 if p == "bf16" else None
+
+
+def _wrap(meta: SSLMetaArch, cfg: DictConfig, strategy: str, device: torch.device,
+          dtype: torch.dtype | None) -> Any:
+    """Apply compile and parallelism from outside the model (torchtitan's order); return the student's forward."""
+    if cfg.compute.compile:
+        for part in (meta.student, meta.teacher):
+            for block in part.backbone.blocks:
+                block.compile()
+    if strategy == "fsdp":
+        for part in (meta.student, meta.teacher):
+            dist.shard_fsdp2(part, part.backbone.blocks, mixed_precision=dtype is not None)
+        return meta.student
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(meta.student, device_ids=[device.index] if device.type == "cuda" else None,
+                                       broadcast_buffers=False)
+    return meta.student
+
+
+def _batches(loader: Any, device: torch.device) -> Iterator[dict[str, Any]]:
+    for batch in loader:
+        yield {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def train(cfg: DictConfig, resume: str = "auto") -> TrainOutcome:
+    """Pretrain as `cfg` says. resume: "auto" (latest checkpoint of the run dir, if any), "never", or a path."""
+    env, device = dist.init_distributed(cfg.compute.device)
+    run_dir = Path(cfg.train.output_dir)
+    torch.manual_seed(cfg.train.seed + env.rank)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    checkpointer = Checkpointer(run_dir, keep_last=cfg.checkpoint.keep_last, keep_every=cfg.checkpoint.keep_every,
+                                async_save=cfg.checkpoint.async_save)
+    has_checkpoint = checkpointer.latest_step() is not None
+    if resume == "never" and has_checkpoint:
+        raise ConfigError(f"{run_dir} already holds checkpoints and --no-resume was given; "
+                          f"choose another train.output_dir (nothing is overwritten)")
+    if resume not in ("auto", "never") or (resume == "auto" and has_checkpoint):
+        changed = check_compatible(checkpointer.read_config(None if resume == "auto" else resume), cfg)
+        if changed and env.is_main:
+            log.warning("resuming with changed config keys: %s", ", ".join(changed))
+
+    meta = SSLMetaArch(cfg).to(device)
+    if cfg.student.pretrained_weights:
+        from dinospec.weights import load_pretrained_backbone
+
+        for part in (meta.student, meta.teacher):
+            load_pretrained_backbone(part.backbone, cfg.student.pretrained_weights)
+    dtype = _precision(cfg, device)
+    strategy = dist.resolve_strategy(cfg.compute.strategy, device)
+    student_forward = _wrap(meta, cfg, strategy, device, dtype)
+    optimizer = build_optimizer(meta.student, cfg)
+    progress = Progress(device)
+    state = {"model": ModelState(meta), "optim": OptimState(meta.student, optimizer), "train": progress}
+    if resume != "never":
+        checkpointer.load(state, path=None if resume == "auto" else resume)
+    start = progress.step
+    steps = total_steps(cfg)
+    global_batch = cfg.train.batch_size_per_gpu * env.world_size
+    sched = build_schedules(cfg, None, global_batch)  # schedules span optim.epochs; max_steps may stop sooner
+
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    logger = MetricsLogger(run_dir, env.is_main, steps, start, cfg.logging.progress, cfg.logging.wandb,
+                           OmegaConf.to_container(cfg, resolve=True))
+    logger.info(f"dinospec: {env.world_size} rank(s) on {device}, {sum(p.numel() for p in meta.student.parameters()):,} "
+                f"student params, steps {start} -> {steps}, global batch {global_batch}, run {run_dir}")
+    loader = build_ssl_loader(cfg, env.rank, env.world_size, start_step=start)
+    batches = _batches(loader, device)
+    signals = SignalFlag().install()
+    status, step = "finished", start
+    # FSDP2 casts through its MixedPrecisionPolicy; otherwise autocast does (bf16 on GPU by default)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None and strategy != "fsdp" \
+        else nullcontext()
+    grad_norm = 0.0
+    try:
+        t_last, n_since = time.perf_counter(), 0
+        for step in range(start, steps):
+            batch = next(batches)
+            now = sched.at(step)
+            lr, wd, last_lr = now["lr"], now["wd"], now["last_layer_lr"]
+            momentum, teacher_temp = now["momentum"], now["teacher_temp"]
+            apply_schedules(optimizer, lr, wd, last_lr)
+            optimizer.zero_grad(set_to_none=True)
+            with autocast:
+                losses = meta.losses(batch, teacher_temp, student_forward)
+            loss = losses["loss"]
+            if dist.any_rank(not bool(torch.isfinite(loss)), device):
+                progress.nonfinite_skips += 1
+                values = {k: float(v) for k, v in losses.items()}
+                if cfg.train.nonfinite == "stop" or progress.nonfinite_skips > cfg.train.max_nonfinite_skips:
+                    raise NonFiniteLoss(f"non-finite loss at step {step}: {values} "
+                                        f"({progress.nonfinite_skips} non-finite step(s) so far)")
+                logger.info(f"step {step}: non-finite loss {values}, step skipped "
+                            f"({progress.nonfinite_skips}/{cfg.train.max_nonfinite_skips})")
+                loss.backward()  # keeps DDP's gradient hooks in step on every rank; the gradients are dropped
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                loss.backward()
+                grad_norm = _clip(meta, cfg.optim.clip_grad)
+                optimizer.step()
+                meta.update_teacher(momentum)
+            progress.step = step + 1
+            n_since += 1
+            logger.advance()
+            if (step + 1) % cfg.train.log_every == 0 or step == start or step + 1 == steps:
+                dt = time.perf_counter() - t_last
+                metrics = {k: float(v) for k, v in losses.items()}
+                metrics.update(lr=lr, wd=wd, mom=momentum, teacher_temp=teacher_temp, grad_norm=float(grad_norm),
+                               img_s=round(n_since * global_batch / dt, 2), s_per_step=round(dt / n_since, 4),
+                               num_broken=int(batch.get("num_broken", 0)), nonfinite_skips=progress.nonfinite_skips,
+                               **_memory(device))
+                logger.log(step + 1, metrics)
+                t_last, n_since = time.perf_counter(), 0
+            stop = dist.any_rank(signals.received is not None, device)
+            if stop or (step + 1) % cfg.checkpoint.period_steps == 0 or step + 1 == steps:
+                checkpointer.save(step + 1, state, config_yaml=to_yaml(cfg))
+            if stop:
+                logger.info(f"signal received: saved step {step + 1}, exiting to be resumed")
+                status = "preempted"
+                break
+        checkpointer.wait()
+    finally:
+        signals.restore()
+        logger.close()
+    if env.is_main and cfg.logging.plots and (run_dir / "metrics.jsonl").exists():
+        plot_losses(run_dir / "metrics.jsonl", run_dir / "plots" / "losses.png")
+    return TrainOutcome(status, progress.step, run_dir)
+
+
+def _clip(meta: SSLMetaArch, max_norm: float) -> float:
+    """Clip each part of the student on its own (backbone, heads), as DINOv2; return the largest norm."""
+    norms = []
+    for part in (meta.student.backbone, meta.student.dino_head, meta.student.ibot_head):
+        if part is not None:
+            params = [p for p in part.parameters() if p.grad is not None]
+            if params:
+                norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+                norms.append(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
+    return max(norms, default=0.0)
+
+
+def _memory(device: torch.device) -> dict[str, float]:
+    if device.type == "cuda":
+        return {"max_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3)}
+    import resource
+
+    return {"max_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", action="append", default=[], metavar="FILE",
+                   help="YAML config merged over configs/default.yaml (repeatable)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume", metavar="PATH", help="resume from this checkpoint directory")
+    group.add_argument("--no-resume", action="store_true",
+                       help="never resume (refuses a run directory that already has checkpoints)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="presets (model=NAME, spec=NAME) and dotted overrides (optim.base_lr=1e-3)")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=os.environ.get("DINOSPEC_LOG", "INFO"), format="%(asctime)s %(levelname)s %(message)s")
+    cfg = load_config(args.config, args.overrides)
+    resume = args.resume or ("never" if args.no_resume else "auto")
+    try:
+        outcome = train(cfg, resume=resume)
+    finally:
+        dist.shutdown()
+    return EXIT_PREEMPTED if outcome.status == "preempted" else 0
