@@ -135,6 +135,15 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
+def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Average scalars over ranks (for logging the global-batch loss, not rank 0's share)."""
+    if not dist.is_initialized() or not values:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(values, (t / dist.get_world_size()).tolist()))
+
+
 def resolve_strategy(strategy: str, device: torch.device) -> str:
     """auto: FSDP2 on GPU with several ranks, DDP on CPU with several ranks, a plain module alone."""
     if strategy != "auto":

@@ -65,8 +65,12 @@ def count_flops_torch(model: nn.Module, img_size: int, batch: int = 1) -> int:
 
     x = torch.zeros(batch, 3, img_size, img_size)
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
-        model.eval()(x)
+    was_training = model.training
+    try:
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+            model.eval()(x)
+    finally:
+        model.train(was_training)  # as count_flops: counting must not leave a student in eval mode
     return counter.get_total_flops()
 
 

@@ -205,7 +205,6 @@ def train(cfg: DictConfig, resume: str = "auto") -> TrainOutcome:
     """Pretrain as `cfg` says. resume: "auto" (latest checkpoint of the run dir, if any), "never", or a path."""
     env, device = dist.init_distributed(cfg.compute.device)
     run_dir = Path(cfg.train.output_dir)
-    torch.manual_seed(cfg.train.seed + env.rank)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
@@ -220,7 +219,9 @@ def train(cfg: DictConfig, resume: str = "auto") -> TrainOutcome:
         if changed and env.is_main:
             log.warning("resuming with changed config keys: %s", ", ".join(changed))
 
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank (the teacher is never broadcast)
     meta = SSLMetaArch(cfg).to(device)
+    torch.manual_seed(cfg.train.seed + 1 + env.rank)  # then one stream per rank (drop-path)
     if cfg.student.pretrained_weights:
         from dinospec.weights import load_pretrained_backbone
 
@@ -268,7 +269,7 @@ def train(cfg: DictConfig, resume: str = "auto") -> TrainOutcome:
             loss = losses["loss"]
             if dist.any_rank(not bool(torch.isfinite(loss)), device):
                 progress.nonfinite_skips += 1
-                values = {k: float(v) for k, v in losses.items()}
+                values = {k: float(v.detach()) for k, v in losses.items()}
                 if cfg.train.nonfinite == "stop" or progress.nonfinite_skips > cfg.train.max_nonfinite_skips:
                     raise NonFiniteLoss(f"non-finite loss at step {step}: {values} "
                                         f"({progress.nonfinite_skips} non-finite step(s) so far)")
@@ -286,7 +287,7 @@ def train(cfg: DictConfig, resume: str = "auto") -> TrainOutcome:
             logger.advance()
             if (step + 1) % cfg.train.log_every == 0 or step == start or step + 1 == steps:
                 dt = time.perf_counter() - t_last
-                metrics = {k: float(v) for k, v in losses.items()}
+                metrics = dist.mean_over_ranks({k: float(v.detach()) for k, v in losses.items()}, device)
                 metrics.update(lr=lr, wd=wd, mom=momentum, teacher_temp=teacher_temp, grad_norm=float(grad_norm),
                                img_s=round(n_since * global_batch / dt, 2), s_per_step=round(dt / n_since, 4),
                                num_broken=int(batch.get("num_broken", 0)), nonfinite_skips=progress.nonfinite_skips,

@@ -37,6 +37,7 @@ def parse_block_range(text: str | int, depth: int) -> frozenset[int]:
     """Block indices named by "none", "all", "first_third", "first_half", "a:b" (ints or fractions), "i,j,k"."""
     text = str(text).strip().lower()
     text = NAMED_RANGES.get(text, text)
+    a = b = 0
     try:
         if ":" in text:
             lo, hi = text.split(":", 1)
@@ -52,6 +53,8 @@ def parse_block_range(text: str | int, depth: int) -> frozenset[int]:
             f"bad block range {text!r}: use none, all, first_third, first_half, 'a:b' (ints or fractions like "
             f"0:1/3) or 'i,j,k'"
         ) from None
+    if a > b:  # "8:4" or "1/2:1" (= 6:1) would silently route nothing
+        raise SpecError(f"block range {text!r} is reversed ({a}:{b}); a bare integer is a block index")
     bad = sorted(b for b in blocks if not 0 <= b < depth)
     if bad:
         shown = ", ".join(map(str, bad[:4])) + (", ..." if len(bad) > 4 else "")
@@ -150,6 +153,7 @@ def vanilla_to_routed(state: Mapping[str, Tensor], model: nn.Module) -> dict[str
             continue
         out[key] = state[src].clone()
     if missing:
+        missing = list(dict.fromkeys(missing))  # a routed slot asks for the same plain key once per group
         raise SpecError(f"vanilla state dict lacks {len(missing)} key(s), e.g. {missing[:3]}")
     extra = sorted(set(state) - {plain_key(k, slots) for k in out})
     if extra:

@@ -1,0 +1,413 @@
+"""`dinospec analyze`: the paper's token-type analyses of a frozen backbone, as plots and one analysis.json.
+
+    dinospec analyze --backbone runs/demo/export --images data/eval/photos --out runs/demo/analysis
+
+Measured per block on a set of images (forward hooks on ``blocks[i].norm1``, plain LayerNorm or TokenRouted alike):
+
+- cosine similarity: mean cos([CLS], patch_j) over patches, and the mean off-diagonal cos(patch_i, patch_j), on the
+  residual stream entering norm1 ("before") and on norm1's output ("after"); averaged over images.
+- channel specialisation (after norm1): for channel c, A_cls[c] = mean |[CLS]_c| and A_patch[c] = mean |patch_c|
+  (over patches, then images). Channel c is [CLS]-dominant when A_cls / A_patch > factor, patch-dominant when
+  < 1 / factor; the specialisation score of a block is the fraction of its channels that are either. [CLS] is one
+  token, so a few images leave its per-channel magnitudes noisy: the same score with one ordinary token (the centre
+  patch) in place of [CLS] is reported beside it as the reference level of "specialisation" that noise alone gives.
+- norm1 gains: mean |gamma| per token group when norm1 is routed (and their correlation over channels), else the
+  shared gain's.
+- high-norm tokens, on each block's output: per image the max / median norm of the patch tokens and the number of
+  patches whose norm exceeds outlier_k x median; averaged over images.
+- PCA of the last layer's normalised patch tokens, per image: the first 3 components as RGB (each min-max scaled),
+  upsampled to the image and shown beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure  # figures without pyplot: no global backend switch, no open-figure registry
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from dinospec.eval.features import (IMAGENET_MEAN, IMAGENET_STD, ImageList, list_images, load_eval_backbone,
+                                    resolve_device)
+from dinospec.models.routed import TokenRouted
+
+DEFAULT_IMAGES = Path(__file__).resolve().parents[1] / "data" / "eval" / "photos"
+PLOTS = ("cosine_similarity.png", "channel_specialisation.png", "norm1_gain.png", "high_norm_tokens.png", "pca.png")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# per-image statistics of a token sequence laid out as [cls | registers | patches]
+
+
+def cls_patch_cosine(x: Tensor, num_reg: int) -> Tensor:
+    """(B, N, D) -> (B,): mean over patches of cos([CLS], patch)."""
+    x = F.normalize(x.double(), dim=-1)
+    return (x[:, 1 + num_reg :] @ x[:, 0].unsqueeze(-1)).squeeze(-1).mean(dim=1)
+
+
+def patch_patch_cosine(x: Tensor, num_reg: int) -> Tensor:
+    """(B, N, D) -> (B,): mean of cos(patch_i, patch_j) over i != j, via |sum_i p_i|^2 = N + sum_{i!=j} p_i.p_j."""
+    p = F.normalize(x[:, 1 + num_reg :].double(), dim=-1)
+    n = p.shape[1]
+    return (p.sum(dim=1).pow(2).sum(dim=-1) - n) / (n * (n - 1))
+
+
+def high_norm_stats(x: Tensor, num_reg: int, k: float) -> tuple[Tensor, Tensor]:
+    """(B, N, D) -> per image (max / median patch norm, count of patches with norm > k x median)."""
+    norms = x[:, 1 + num_reg :].double().norm(dim=-1)  # (B, P)
+    median = norms.median(dim=1).values
+    return norms.max(dim=1).values / median, (norms > k * median.unsqueeze(1)).sum(dim=1).double()
+
+
+class BlockRecorder:
+    """Forward hooks that reduce every block's activations to running sums as the images stream through."""
+
+    def __init__(self, model: nn.Module, outlier_k: float):
+        self.r, self.k, self.depth = model.num_register_tokens, outlier_k, len(model.blocks)
+        zeros = lambda *s: torch.zeros(self.depth, *s, dtype=torch.float64)  # noqa: E731
+        self.sums = {name: zeros() for name in ("cos_cls_patch_before", "cos_patch_patch_before",
+                                                "cos_cls_patch_after", "cos_patch_patch_after",
+                                                "max_over_median", "outliers")}
+        self.cls_abs, self.patch_abs, self.ref_abs = (zeros(model.embed_dim) for _ in range(3))
+        self.images = 0
+        self.handles = []
+        for i, block in enumerate(model.blocks):
+            self.handles.append(block.norm1.register_forward_hook(self._norm1_hook(i)))
+            self.handles.append(block.register_forward_hook(self._block_hook(i)))
+
+    def _norm1_hook(self, i: int):
+        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+            x, y = inputs[0], output  # (B, N, D) each: the residual stream and norm1's output
+            self.sums["cos_cls_patch_before"][i] += cls_patch_cosine(x, self.r).sum()
+            self.sums["cos_patch_patch_before"][i] += patch_patch_cosine(x, self.r).sum()
+            self.sums["cos_cls_patch_after"][i] += cls_patch_cosine(y, self.r).sum()
+            self.sums["cos_patch_patch_after"][i] += patch_patch_cosine(y, self.r).sum()
+            self.cls_abs[i] += y[:, 0].double().abs().sum(dim=0)
+            self.patch_abs[i] += y[:, 1 + self.r :].double().abs().mean(dim=1).sum(dim=0)
+            centre = 1 + self.r + (y.shape[1] - 1 - self.r) // 2  # the middle patch: an ordinary token
+            self.ref_abs[i] += y[:, centre].double().abs().sum(dim=0)
+
+        return hook
+
+    def _block_hook(self, i: int):
+        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+            ratio, outliers = high_norm_stats(output, self.r, self.k)
+            self.sums["max_over_median"][i] += ratio.sum()
+            self.sums["outliers"][i] += outliers.sum()
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def norm1_gains(model: nn.Module, factor: float) -> dict[str, Any]:
+    """Per block: mean |gamma| of norm1 for the [CLS] and the patch group (equal when norm1 is shared)."""
+    cls_group, _, patch_group = getattr(getattr(model, "spec", None), "group_of_type", (0, 0, 0))
+    out: dict[str, list] = {"routed": [], "cls_mean_abs": [], "patch_mean_abs": [], "abs_correlation": [],
+                            "specialised_fraction": []}
+    for block in model.blocks:
+        norm = block.norm1
+        routed = isinstance(norm, TokenRouted)
+        g_cls = (norm[cls_group] if routed else norm).weight.detach().double().abs()
+        g_patch = (norm[patch_group] if routed else norm).weight.detach().double().abs()
+        ratio = g_cls / g_patch.clamp_min(1e-12)
+        corr = torch.corrcoef(torch.stack([g_cls, g_patch]))[0, 1].item() if routed else 1.0
+        out["routed"].append(routed)
+        out["cls_mean_abs"].append(g_cls.mean().item())
+        out["patch_mean_abs"].append(g_patch.mean().item())
+        out["abs_correlation"].append(corr if corr == corr else None)
+        out["specialised_fraction"].append(((ratio > factor) | (ratio < 1 / factor)).double().mean().item())
+    last = max((i for i, r in enumerate(out["routed"]) if r), default=None)
+    if last is not None:  # per-channel gains of the deepest routed block, for the scatter plot
+        norm = model.blocks[last].norm1
+        out["scatter_block"] = last
+        out["scatter_cls"] = norm[cls_group].weight.detach().abs().tolist()
+        out["scatter_patch"] = norm[patch_group].weight.detach().abs().tolist()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# measurement
+
+
+def pca_rgb(tokens: Tensor, grid: tuple[int, int]) -> tuple[np.ndarray, list[float]]:
+    """(P, D) patch tokens -> (h, w, 3) picture of the first 3 principal components (min-max per channel)."""
+    x = tokens.double() - tokens.double().mean(dim=0)
+    _, s, vh = torch.linalg.svd(x, full_matrices=False)
+    proj = x @ vh[:3].T  # (P, 3)
+    flip = proj.gather(0, proj.abs().argmax(dim=0, keepdim=True)).sign()  # sign: largest |value| positive
+    proj = proj * flip
+    lo, hi = proj.min(dim=0).values, proj.max(dim=0).values
+    rgb = ((proj - lo) / (hi - lo).clamp_min(1e-12)).reshape(*grid, -1)
+    if rgb.shape[-1] < 3:  # fewer than 3 components (tiny inputs): pad with black
+        rgb = torch.cat([rgb, rgb.new_zeros(*grid, 3 - rgb.shape[-1])], dim=-1)
+    var = (s**2 / (s**2).sum()).tolist()[:3]
+    return rgb.float().numpy(), var
+
+
+def to_display(img: Tensor) -> np.ndarray:
+    """A normalised (3, H, W) image back to (H, W, 3) in [0, 1]."""
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (img * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+@torch.no_grad()
+def measure(model: nn.Module, files: Sequence[Path], *, img_size: int = 224, batch_size: int = 16,
+            device: str | None = None, factor: float = 3.0, outlier_k: float = 3.0, pca_images: int = 6,
+            progress: bool = True) -> tuple[dict[str, Any], list[tuple[str, np.ndarray, np.ndarray]]]:
+    """All numbers of analysis.json, and (name, image, PCA picture) for the first `pca_images` images."""
+    dev = resolve_device(device)
+    was_training, param_device = model.training, next(model.parameters()).device
+    model.eval().to(dev)
+    recorder = BlockRecorder(model, outlier_k)
+    pictures, pca_var = [], []
+    try:
+        loader = DataLoader(ImageList(files, img_size), batch_size=batch_size)
+        for images, idx in tqdm(loader, desc="analyze", disable=not progress, leave=False):
+            out = model.forward_features(images.to(dev))
+            recorder.images += len(images)
+            grid = (images.shape[-2] // model.patch_size, images.shape[-1] // model.patch_size)
+            for j, i in enumerate(idx.tolist()):
+                if i < pca_images:
+                    rgb, var = pca_rgb(out["x_norm_patchtokens"][j].cpu(), grid)
+                    pictures.append((files[i].name, to_display(images[j]), rgb))
+                    pca_var.append(var)
+    finally:
+        recorder.remove()
+        model.train(was_training).to(param_device)
+    n = recorder.images
+    mean = {k: (v / n).tolist() for k, v in recorder.sums.items()}
+    ratio = recorder.cls_abs / recorder.patch_abs.clamp_min(1e-12)  # (depth, D)
+    ref_ratio = recorder.ref_abs / recorder.patch_abs.clamp_min(1e-12)
+    specialised = lambda r: ((r > factor) | (r < 1 / factor)).double().mean(dim=1).tolist()  # noqa: E731
+    results = {
+        "num_images": n,
+        "img_size": img_size,
+        "patch_size": model.patch_size,
+        "num_register_tokens": model.num_register_tokens,
+        "depth": recorder.depth,
+        "embed_dim": model.embed_dim,
+        "cosine": {
+            "before_norm1": {"cls_patch": mean["cos_cls_patch_before"], "patch_patch": mean["cos_patch_patch_before"]},
+            "after_norm1": {"cls_patch": mean["cos_cls_patch_after"], "patch_patch": mean["cos_patch_patch_after"]},
+        },
+        "channels": {
+            "statistic": "after norm1, per channel: mean |[CLS]| / mean |patch| over images (and patches)",
+            "factor": factor,
+            "cls_dominant_fraction": (ratio > factor).double().mean(dim=1).tolist(),
+            "patch_dominant_fraction": (ratio < 1 / factor).double().mean(dim=1).tolist(),
+            "specialisation_score": specialised(ratio),
+            "reference_score": specialised(ref_ratio),
+            "reference": "the same score with the centre patch token in place of [CLS] (noise level)",
+            "cls_mean_abs": (recorder.cls_abs / n).tolist(),
+            "patch_mean_abs": (recorder.patch_abs / n).tolist(),
+        },
+        "norm1_gain": norm1_gains(model, factor),
+        "high_norm": {
+            "where": "each block's output (residual stream), patch tokens only",
+            "outlier_k": outlier_k,
+            "max_over_median": mean["max_over_median"],
+            "outliers_per_image": mean["outliers"],
+        },
+        "pca": {"images": [name for name, _, _ in pictures], "explained_variance_ratio": pca_var,
+                "fit": "per image, on the last layer's normalised patch tokens"},
+    }
+    return results, pictures
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# plots
+
+
+def _blocks_axis(ax: Axes, depth: int) -> None:
+    ax.set_xlabel("block")
+    ax.set_xticks(range(0, depth, max(1, depth // 12)))
+    ax.ticklabel_format(axis="y", useOffset=False)  # no "1e-7 + 1.85" offsets on nearly flat curves
+    ax.grid(alpha=0.3)
+
+
+def plot_cosine(res: dict, path: Path) -> None:
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2, sharey=True)
+    blocks = range(res["depth"])
+    for ax, key, title in zip(axes, ("cls_patch", "patch_patch"), ("[CLS] vs patch", "patch vs patch (i != j)")):
+        ax.plot(blocks, res["cosine"]["before_norm1"][key], "o--", label="before norm1 (residual stream)")
+        ax.plot(blocks, res["cosine"]["after_norm1"][key], "s-", label="after norm1")
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_title(f"{title}: mean cosine similarity")
+        _blocks_axis(ax, res["depth"])
+    axes[0].set_ylabel("mean cosine similarity")
+    axes[0].legend()
+    fig.suptitle(f"Token similarity through the pre-attention LayerNorm ({res['num_images']} images)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def plot_channels(res: dict, path: Path) -> None:
+    ch = res["channels"]
+    log_ratio = np.log2(np.asarray(ch["cls_mean_abs"]) / np.maximum(np.asarray(ch["patch_mean_abs"]), 1e-12))
+    log_ratio = np.sort(log_ratio, axis=1)  # channels sorted within each block: the share of each side is visible
+    lim = max(float(np.abs(log_ratio).max()), np.log2(ch["factor"]) * 1.5)
+    fig = Figure(figsize=(11, 4))
+    ax1, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.4, 1]})
+    im = ax1.imshow(log_ratio, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+    ax1.set_xlabel("channel (sorted per block)")
+    ax1.set_ylabel("block")
+    ax1.set_title("log2(mean |[CLS]| / mean |patch|) after norm1")
+    fig.colorbar(im, ax=ax1, label="red: [CLS] larger, blue: patches larger")
+    blocks = range(res["depth"])
+    ax2.plot(blocks, ch["cls_dominant_fraction"], "o-", color="tab:red", label=f"[CLS] > {ch['factor']:g}x patch")
+    ax2.plot(blocks, ch["patch_dominant_fraction"], "s-", color="tab:blue", label=f"patch > {ch['factor']:g}x [CLS]")
+    ax2.plot(blocks, ch["specialisation_score"], "k--", label="either (specialisation score)")
+    ax2.plot(blocks, ch["reference_score"], ":", color="gray", label="reference: centre patch as if [CLS]")
+    ax2.set_ylabel("fraction of channels")
+    ax2.set_title("Channels specialised to one token type")
+    _blocks_axis(ax2, res["depth"])
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def plot_gains(res: dict, path: Path) -> None:
+    g = res["norm1_gain"]
+    fig = Figure(figsize=(10, 4))
+    ax1, ax2 = fig.subplots(1, 2)
+    blocks = np.arange(res["depth"])
+    ax1.plot(blocks, g["cls_mean_abs"], "o-", color="tab:red", label="[CLS] group")
+    ax1.plot(blocks, g["patch_mean_abs"], "s--", color="tab:blue", label="patch group")
+    shared = [i for i, r in enumerate(g["routed"]) if not r]
+    if shared:
+        ax1.scatter(shared, [g["cls_mean_abs"][i] for i in shared], s=80, facecolors="none", edgecolors="gray",
+                    label="shared norm1 (one gain)")
+    ax1.set_ylabel("mean |gain| of norm1")
+    ax1.set_title("norm1 gain per token group")
+    _blocks_axis(ax1, res["depth"])
+    ax1.legend()
+    if "scatter_block" in g:
+        ax2.scatter(g["scatter_patch"], g["scatter_cls"], s=8, alpha=0.6)
+        top = max(max(g["scatter_patch"]), max(g["scatter_cls"]))
+        ax2.plot([0, top], [0, top], "k--", lw=0.8, label="equal gains")
+        ax2.set_xlabel("|gain|, patch group")
+        ax2.set_ylabel("|gain|, [CLS] group")
+        ax2.set_title(f"Per-channel norm1 gains, block {g['scatter_block']}")
+        ax2.legend()
+    else:
+        ax2.axis("off")
+        ax2.text(0.5, 0.5, "norm1 is shared by all tokens in every block:\nno per-group gains to compare",
+                 ha="center", va="center", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def plot_high_norm(res: dict, path: Path) -> None:
+    h = res["high_norm"]
+    fig = Figure(figsize=(10, 4))
+    ax1, ax2 = fig.subplots(1, 2)
+    blocks = range(res["depth"])
+    ax1.plot(blocks, h["max_over_median"], "o-")
+    ax1.set_ylabel("max / median patch-token norm")
+    ax1.set_title("Largest patch-token norm (mean over images)")
+    ax2.plot(blocks, h["outliers_per_image"], "s-", color="tab:orange")
+    ax2.set_ylabel(f"patches with norm > {h['outlier_k']:g} x median")
+    ax2.set_title("High-norm patch tokens per image")
+    for ax in (ax1, ax2):
+        _blocks_axis(ax, res["depth"])
+    ax1.set_ylim(0.9, max(2.0, 1.1 * max(h["max_over_median"])))  # the ratio is >= 1; keep flat curves flat
+    ax2.set_ylim(-0.05, max(1.0, 1.1 * max(h["outliers_per_image"])))
+    fig.suptitle("High-norm tokens on each block's output")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def plot_pca(pictures: list[tuple[str, np.ndarray, np.ndarray]], path: Path) -> None:
+    n = max(len(pictures), 1)
+    fig = Figure(figsize=(2.4 * n, 5.2))
+    axes = fig.subplots(2, n, squeeze=False)
+    for j, (name, img, rgb) in enumerate(pictures):
+        size = img.shape[:2]
+        up = F.interpolate(torch.from_numpy(rgb).permute(2, 0, 1)[None], size=size, mode="nearest")[0]
+        axes[0, j].imshow(img)
+        axes[0, j].set_title(Path(name).stem, fontsize=9)
+        axes[1, j].imshow(up.permute(1, 2, 0).numpy())
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0, 0].set_ylabel("image")
+    axes[1, 0].set_ylabel("PCA 1-3 as RGB")
+    fig.suptitle("Last-layer patch features: first 3 principal components per image")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# entry points
+
+
+def analyze(model: nn.Module, files: Sequence[Path], out_dir: str | Path, **measure_opts: Any) -> dict[str, Any]:
+    """Measure, write the five PNGs and analysis.json into out_dir; return the JSON object."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results, pictures = measure(model, files, **measure_opts)
+    for name, plot in zip(PLOTS, (plot_cosine, plot_channels, plot_gains, plot_high_norm)):
+        plot(results, out / name)
+    plot_pca(pictures, out / "pca.png")
+    results["plots"] = list(PLOTS)
+    (out / "analysis.json").write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backbone", required=True, metavar="DIR_OR_RUN",
+                        help="an export dir (config.json + model.safetensors) or a run dir (its latest teacher)")
+    parser.add_argument("--images", default=str(DEFAULT_IMAGES), metavar="FOLDER",
+                        help="images to analyse, searched recursively (%(default)s)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="where the PNGs and analysis.json go")
+    parser.add_argument("--max-images", type=int, default=64, metavar="N", help="at most N images (%(default)s)")
+    parser.add_argument("--img-size", type=int, help="resize + centre-crop size (default: the backbone's "
+                                                      "training size)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (%(default)s)")
+    parser.add_argument("--factor", type=float, default=3.0,
+                        help="a channel is specialised when one token type's mean |activation| exceeds the "
+                             "other's by this factor (%(default)s)")
+    parser.add_argument("--outlier-k", type=float, default=3.0,
+                        help="a patch token is high-norm above this multiple of the median norm (%(default)s)")
+    parser.add_argument("--pca-images", type=int, default=6, help="images shown in pca.png (%(default)s)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        model = load_eval_backbone(args.backbone)
+        files = list_images(args.images, args.max_images)
+    except (FileNotFoundError, ValueError) as e:  # a missing path or an export that does not load
+        print(f"dinospec analyze: {e}", file=sys.stderr)
+        return 2
+    img_size = args.img_size or model.img_size
+    if img_size % model.patch_size:
+        print(f"dinospec analyze: --img-size {img_size} is not a multiple of the patch size {model.patch_size}",
+              file=sys.stderr)
+        return 2
+    res = analyze(model, files, args.out, img_size=img_size, batch_size=args.batch_size, device=args.device,
+                  factor=args.factor, outlier_k=args.outlier_k, pca_images=args.pca_images,
+                  progress=not args.no_progress)
+    before, after = res["cosine"]["before_norm1"], res["cosine"]["after_norm1"]
+    print(f"{'block':>5}  {'cls-patch before':>16}  {'after':>7}  {'patch-patch before':>18}  {'after':>7}  "
+          f"{'specialised ch.':>15}  {'max/median norm':>15}")
+    for i in range(res["depth"]):
+        print(f"{i:>5}  {before['cls_patch'][i]:>16.3f}  {after['cls_patch'][i]:>7.3f}  "
+              f"{before['patch_patch'][i]:>18.3f}  {after['patch_patch'][i]:>7.3f}  "
+              f"{res['channels']['specialisation_score'][i]:>15.2f}  {res['high_norm']['max_over_median'][i]:>15.2f}")
+    print(f"wrote {', '.join(res['plots'])} and analysis.json to {args.out} ({res['num_images']} images)")
+    return 0

@@ -1,0 +1,213 @@
+"""`dinospec eval knn|linear|seg`: evaluate a frozen backbone; a table on stdout, the numbers as JSON.
+
+    dinospec eval knn    --backbone runs/demo/export                   # bundled Fashion-MNIST sample
+    dinospec eval linear --backbone runs/demo --json linear.json       # a run dir: its latest teacher
+    dinospec eval seg    --backbone runs/demo/export --train data/eval/tuxstamps_seg/train \
+                         --val data/eval/tuxstamps_seg/val
+
+Without --train/--val the bundled real data under data/eval/ is used (see data/eval/README.md). Each task extracts
+features once per split and reuses them for every k / every lr of the grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from dinospec.eval.features import (SegmentationFolder, extract_features, load_eval_backbone,
+                                    paired_image_folders, read_class_names)
+from dinospec.eval.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, knn_accuracy
+from dinospec.eval.linear import DEFAULT_HOLDOUT, DEFAULT_LRS, DEFAULT_STEPS, linear_probe
+from dinospec.eval.segmentation import DEFAULT_LRS as SEG_LRS
+from dinospec.eval.segmentation import DEFAULT_STEPS as SEG_STEPS
+from dinospec.eval.segmentation import IGNORE_INDEX, seg_probe
+
+EVAL_DATA = Path(__file__).resolve().parents[2] / "data" / "eval"
+DEFAULT_SPLITS = {
+    "knn": EVAL_DATA / "fashion_mnist",
+    "linear": EVAL_DATA / "fashion_mnist",
+    "seg": EVAL_DATA / "tuxstamps_seg",
+}
+
+
+def _extract(backbone: nn.Module, dataset: Any, opts: dict, desc: str, keep_patches: bool = False):
+    return extract_features(backbone, dataset, keep_patches=keep_patches, desc=desc, **opts)
+
+
+def eval_knn(backbone: nn.Module, train: str | Path, val: str | Path, *, ks: Sequence[int] = DEFAULT_KS,
+             temperature: float = DEFAULT_TEMPERATURE, img_size: int = 224, **extract_opts: Any) -> dict:
+    """Weighted k-NN top-1 (%) on [CLS] for every k. extract_opts: batch_size, device, num_workers, progress."""
+    train_set, val_set = paired_image_folders(train, val, img_size)
+    tr = _extract(backbone, train_set, extract_opts, "train features")
+    va = _extract(backbone, val_set, extract_opts, "val features")
+    acc = knn_accuracy(tr.cls, tr.targets, va.cls, va.targets, ks, temperature)
+    return {"top1_by_k": {str(k): 100.0 * a for k, a in acc.items()}, "temperature": temperature,
+            "features": "cls (L2-normalised, cosine similarity)", "classes": train_set.classes,
+            "num_train": len(train_set), "num_val": len(val_set)}
+
+
+def eval_linear(backbone: nn.Module, train: str | Path, val: str | Path, *, img_size: int = 224,
+                concat_patch_mean: bool = False, lrs: Sequence[float] = DEFAULT_LRS, steps: int = DEFAULT_STEPS,
+                holdout: float = DEFAULT_HOLDOUT, weight_decay: float = 0.0, seed: int = 0,
+                **extract_opts: Any) -> dict:
+    """Linear probe top-1 (%) on [CLS] (optionally concatenated with the mean patch token, as DINOv2)."""
+    train_set, val_set = paired_image_folders(train, val, img_size)
+    tr = _extract(backbone, train_set, extract_opts, "train features")
+    va = _extract(backbone, val_set, extract_opts, "val features")
+    if concat_patch_mean:
+        tr_x, va_x = torch.cat([tr.cls, tr.patch_mean], dim=1), torch.cat([va.cls, va.patch_mean], dim=1)
+    else:
+        tr_x, va_x = tr.cls, va.cls
+    result = linear_probe(tr_x, tr.targets, va_x, va.targets, lrs=lrs, steps=steps, holdout=holdout,
+                          weight_decay=weight_decay, seed=seed)
+    result["features"] = "cls + mean patch token" if concat_patch_mean else "cls"
+    result["classes"] = train_set.classes
+    return result
+
+
+def eval_seg(backbone: nn.Module, train: str | Path, val: str | Path, *, img_size: int = 224,
+             num_classes: int | None = None, lrs: Sequence[float] = SEG_LRS,
+             steps: int = SEG_STEPS, holdout: float = 0.2, batchnorm: bool = True, seed: int = 0,
+             **extract_opts: Any) -> dict:
+    """Linear segmentation probe mIoU (%) on the last layer's patch features (masks: see SegmentationFolder)."""
+    train_set, val_set = SegmentationFolder(train, img_size), SegmentationFolder(val, img_size)
+    tr = _extract(backbone, train_set, extract_opts, "train features", keep_patches=True)
+    va = _extract(backbone, val_set, extract_opts, "val features", keep_patches=True)
+    names = read_class_names(train)
+    if num_classes is None:
+        if names:
+            num_classes = len(names)
+        else:
+            labels = torch.cat([tr.targets.unique(), va.targets.unique()])
+            num_classes = int(labels[labels != IGNORE_INDEX].max()) + 1
+    if names and len(names) != num_classes:
+        names = None
+    return seg_probe(tr.patches, tr.targets, va.patches, va.targets, num_classes, lrs=lrs, steps=steps,
+                     holdout=holdout, batchnorm=batchnorm, seed=seed, class_names=names)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def _common(p: argparse.ArgumentParser, task: str) -> None:
+    default = DEFAULT_SPLITS[task]
+    p.add_argument("--backbone", required=True, metavar="DIR_OR_RUN",
+                   help="an export dir (config.json + model.safetensors) or a run dir (its latest teacher)")
+    p.add_argument("--train", default=str(default / "train"), metavar="PATH", help="training split (%(default)s)")
+    p.add_argument("--val", default=str(default / "val"), metavar="PATH", help="validation split (%(default)s)")
+    p.add_argument("--json", metavar="FILE", help="write the result as JSON to FILE ('-': print it instead of "
+                                                   "the table)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (%(default)s)")
+    p.add_argument("--img-size", type=int, help="resize + centre-crop size, a multiple of the patch size "
+                                                 "(default: the backbone's training size, 224 for DINOv2 models)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (%(default)s)")
+    p.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes (%(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    if task in ("linear", "seg"):
+        p.add_argument("--steps", type=int, default=DEFAULT_STEPS if task == "linear" else
+                       SEG_STEPS, help="optimiser steps per lr (%(default)s)")
+        p.add_argument("--lrs", type=float, nargs="+",
+                       default=list(DEFAULT_LRS if task == "linear" else SEG_LRS),
+                       help="the lr grid (%(default)s)")
+        p.add_argument("--holdout", type=float, default=DEFAULT_HOLDOUT,
+                       help="fraction of train held out to choose the lr (0: choose on val, optimistic) "
+                            "(%(default)s)")
+        p.add_argument("--seed", type=int, default=0)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="eval_task", required=True, metavar="{knn,linear,seg}")
+    p = sub.add_parser("knn", help="weighted k-NN on [CLS] (DINO protocol)")
+    _common(p, "knn")
+    p.add_argument("--k", type=int, nargs="+", default=list(DEFAULT_KS), help="neighbour counts (%(default)s)")
+    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="vote temperature (%(default)s)")
+    p = sub.add_parser("linear", help="linear classification probe on [CLS]")
+    _common(p, "linear")
+    p.add_argument("--concat-patch-mean", action="store_true", help="[CLS] + mean patch token, as DINOv2")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p = sub.add_parser("seg", help="linear segmentation probe on patch features (mIoU)")
+    _common(p, "seg")
+    p.add_argument("--num-classes", type=int, help="default: from classes.txt, else the largest label + 1")
+    p.add_argument("--no-batchnorm", action="store_true", help="a bare 1x1 conv head (no BatchNorm)")
+
+
+def _rows(task: str, r: dict) -> list[tuple[str, str]]:
+    if task == "knn":
+        return [(f"k-NN top-1, k={k}", f"{v:.2f}%") for k, v in r["top1_by_k"].items()]
+    metric = ("linear top-1", r["top1"]) if task == "linear" else ("mIoU", r["miou"])
+    rows = [(metric[0], f"{metric[1]:.2f}%")]
+    if task == "seg":
+        rows += [("pixel accuracy", f"{r['pixel_accuracy']:.2f}%")]
+        rows += [(f"  IoU {name}", "absent" if v is None else f"{v:.2f}%") for name, v in r["per_class_iou"].items()]
+    key = "selection_top1_by_lr" if task == "linear" else "selection_miou_by_lr"
+    rows += [("best lr", f"{r['best_lr']:g}"), ("selection", r["selection"])]
+    rows += [(f"  lr {lr}", f"{v:.2f}%") for lr, v in r[key].items()]
+    return rows
+
+
+def format_table(report: dict) -> str:
+    rows = [("backbone", report["backbone"]), ("train", f"{report['train']} ({report['results']['num_train']})"),
+            ("val", f"{report['val']} ({report['results']['num_val']})"), ("img size", str(report["img_size"]))]
+    rows += _rows(report["task"], report["results"])
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        backbone = load_eval_backbone(args.backbone)
+    except (FileNotFoundError, ValueError) as e:  # a missing path or an export that does not load
+        print(f"dinospec eval: {e}", file=sys.stderr)
+        return 2
+    img_size = args.img_size or getattr(backbone, "img_size", 224)
+    patch = getattr(backbone, "patch_size", 1)
+    if img_size % patch:
+        print(f"dinospec eval: --img-size {img_size} is not a multiple of the patch size {patch}", file=sys.stderr)
+        return 2
+    opts = dict(img_size=img_size, batch_size=args.batch_size, device=args.device,
+                num_workers=args.num_workers, progress=not args.no_progress)
+    task: str = args.eval_task
+    tasks: dict[str, Callable[..., dict]] = {"knn": eval_knn, "linear": eval_linear, "seg": eval_seg}
+    if task == "knn":
+        opts.update(ks=args.k, temperature=args.temperature)
+    else:
+        opts.update(lrs=args.lrs, steps=args.steps, holdout=args.holdout, seed=args.seed)
+        if task == "linear":
+            opts.update(concat_patch_mean=args.concat_patch_mean, weight_decay=args.weight_decay)
+        else:
+            opts.update(num_classes=args.num_classes, batchnorm=not args.no_batchnorm)
+    try:
+        results = tasks[task](backbone, args.train, args.val, **opts)
+    except (OSError, ValueError) as e:  # a missing split, an unreadable image, train/val classes that differ
+        print(f"dinospec eval: {e}", file=sys.stderr)
+        return 2
+    report = {"task": task, "backbone": str(args.backbone), "train": str(args.train), "val": str(args.val),
+              "img_size": img_size, "results": results}
+    if args.json == "-":
+        print(json.dumps(_clean(report), indent=2))
+        return 0
+    print(format_table(report))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(_clean(report), indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _clean(obj: Any) -> Any:
+    """JSON has no NaN: a NaN becomes null."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj

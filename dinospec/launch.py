@@ -1,0 +1,358 @@
+"""`dinospec submit`: training as a SLURM job (submitit) that requeues itself and resumes exactly.
+
+    dinospec submit --config configs/train/vit_large.yaml spec=paper --nodes 4 --gpus-per-node 8 \\
+        --partition gpu --time 48:00:00 --cpus-per-task 10 --mem 0
+    dinospec submit --config configs/demo.yaml --tasks-per-node 2 --dry-run   # print the sbatch script only
+    dinospec submit --config configs/demo.yaml --tasks-per-node 2 --local     # same job, this machine, no SLURM
+
+One task per GPU; each task joins torch.distributed from SLURM's variables (dinospec.dist, as under torchrun).
+Interruptions, and who requeues:
+- preemption or the time limit: SLURM sends USR2 (``--signal=USR2@<delay>``); the trainer finishes its step, saves
+  and returns "preempted"; the job then hands over to submitit's own USR2 handler on rank 0, which calls
+  `checkpoint()`, counts a time-out or a preemption (``--max-num-timeout``) and runs ``scontrol requeue``.
+- ``scontrol requeue`` from outside (or a plain SIGTERM): SLURM requeues by itself; the trainer saves, the tasks exit
+  without a result so nothing stale is reported, and the requeued job resumes from ``checkpoints/latest``.
+Logs: ``<run>/slurm/<jobid>_<task>_log.out|err`` (appended across requeues).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import submitit
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from dinospec.config import ConfigError, RunConfig, load_config, to_yaml, validate
+
+log = logging.getLogger("dinospec")
+
+LOG_DIR = "slurm"  # submitit's job folder inside the run directory
+EXIT_PREEMPTED = 75  # as dinospec.trainer: saved on a signal, resumed by the requeued job
+# submitit calls a USR2 a time-out once the job ran min(80 % of its limit, limit - 10 min); below this limit every
+# USR2 (preemption too) is a time-out and uses up --max-num-timeout
+SUBMITIT_TIMEOUT_FLOOR_MIN = 10
+
+
+@dataclass
+class Resources:
+    """What the job asks SLURM for; `sbatch_parameters` turns it into submitit.SlurmExecutor parameters."""
+
+    nodes: int = 1
+    gpus_per_node: int = 0
+    tasks_per_node: int = 1
+    cpus_per_task: int = 1
+    time_min: int = 24 * 60
+    job_name: str = "dinospec"
+    signal_delay_s: int = 180
+    """USR2 this long before the time limit (SLURM may send it up to ~60 s earlier): a step plus a save must fit."""
+    max_num_timeout: int = 20
+    """Requeues after a time limit; every run saves before it ends, so each one makes progress."""
+    mem: str | None = None
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    exclude: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    """More sbatch options (`--slurm key=value`): {"gres": "gpu:8", "exclusive": True}."""
+
+    def check(self) -> None:
+        for name in ("nodes", "tasks_per_node", "cpus_per_task", "time_min", "max_num_timeout"):
+            if getattr(self, name) < (0 if name == "max_num_timeout" else 1):
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.gpus_per_node < 0 or self.signal_delay_s < 0:
+            raise ConfigError("--gpus-per-node and --signal-delay must be >= 0")
+        if self.gpus_per_node and self.tasks_per_node > self.gpus_per_node:
+            raise ConfigError(f"--tasks-per-node {self.tasks_per_node} > --gpus-per-node {self.gpus_per_node}: "
+                              f"each task drives one GPU")
+        if self.signal_delay_s >= self.time_min * 60:
+            raise ConfigError(f"--signal-delay {self.signal_delay_s}s does not fit in --time {self.time_min} min")
+
+
+def parse_time(text: str) -> int:
+    """SLURM's time formats (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) -> whole minutes, rounded up."""
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    if not m:
+        raise ConfigError(f"--time {text!r}: expected minutes, MM:SS, HH:MM:SS or D-HH[:MM[:SS]]")
+    days, a, b, c = (int(g) if g is not None else None for g in m.groups())
+    if days is not None:  # D-H, D-H:M, D-H:M:S
+        seconds = ((days * 24 + a) * 60 + (b or 0)) * 60 + (c or 0)
+    elif c is not None:  # H:M:S
+        seconds = (a * 60 + b) * 60 + c
+    elif b is not None:  # M:S
+        seconds = a * 60 + b
+    else:  # M
+        seconds = a * 60
+    if seconds <= 0:
+        raise ConfigError(f"--time {text!r} must be positive")
+    return -(-seconds // 60)
+
+
+def sbatch_parameters(res: Resources) -> dict[str, Any]:
+    """submitit.SlurmExecutor parameters (its own names) for `res`."""
+    params: dict[str, Any] = {
+        "job_name": res.job_name, "time": res.time_min, "nodes": res.nodes, "ntasks_per_node": res.tasks_per_node,
+        "cpus_per_task": res.cpus_per_task, "signal_delay_s": res.signal_delay_s,
+        # requeue must be allowed even where the cluster's JobRequeue=0
+        "additional_parameters": {"requeue": True, **res.extra},
+        # one crashed rank ends the job instead of leaving the others waiting in a collective
+        "srun_args": ["--kill-on-bad-exit=1"],
+        # intra-op threads = the CPUs of the task (one thread per task unless asked otherwise)
+        "setup": [f"export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{res.cpus_per_task}}}"],
+    }
+    if res.gpus_per_node:
+        params["gpus_per_node"] = res.gpus_per_node
+    for name in ("mem", "partition", "account", "qos", "constraint", "exclude"):
+        if getattr(res, name) is not None:
+            params[name] = getattr(res, name)
+    return params
+
+
+class _ScriptOnlyExecutor(submitit.SlurmExecutor):
+    """Renders the sbatch script exactly as SlurmExecutor would, also where SLURM is not installed (--dry-run)."""
+
+    @classmethod
+    def affinity(cls) -> int:
+        return 1
+
+
+def job_folder(cfg: DictConfig) -> Path:
+    return Path(cfg.train.output_dir).absolute() / LOG_DIR
+
+
+def sbatch_script(cfg: DictConfig, res: Resources) -> str:
+    """The sbatch script `submit` would hand to SLURM for this config (nothing is written or submitted)."""
+    res.check()
+    executor = _ScriptOnlyExecutor(folder=job_folder(cfg), max_num_timeout=res.max_num_timeout)
+    executor.update_parameters(**sbatch_parameters(res))
+    return executor._make_submission_file_text(executor._submitit_command_str, "dry-run")
+
+
+def make_executor(cfg: DictConfig, res: Resources, local: bool = False) -> submitit.Executor:
+    """SlurmExecutor (or LocalExecutor: same job, tasks as local processes) with the run's `slurm/` as job folder."""
+    res.check()
+    folder = job_folder(cfg)
+    if not local:
+        executor: submitit.Executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=res.max_num_timeout)
+        executor.update_parameters(**sbatch_parameters(res))
+        return executor
+    if res.nodes != 1:
+        raise ConfigError("--local runs on this machine: --nodes must be 1")
+    executor = submitit.LocalExecutor(folder=folder, max_num_timeout=res.max_num_timeout)
+    executor.update_parameters(timeout_min=res.time_min, tasks_per_node=res.tasks_per_node,
+                               gpus_per_node=res.gpus_per_node, signal_delay_s=res.signal_delay_s,
+                               setup=sbatch_parameters(res)["setup"])
+    return executor
+
+
+def submit(cfg: DictConfig, res: Resources, local: bool = False) -> submitit.Job:
+    """Submit `cfg`'s training as one job of res.nodes x res.tasks_per_node tasks; returns submitit's Job."""
+    return make_executor(cfg, res, local).submit(TrainJob(to_yaml(cfg)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the job
+
+
+def config_from_yaml(text: str) -> DictConfig:
+    """A resolved config (to_yaml) back to a validated RunConfig: the job checks it against its own install."""
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(text))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"the submitted config does not fit this install's schema: {e}") from None
+    validate(cfg)
+    return cfg
+
+
+class SignalLog:
+    """The signals that reached this process while the context was open (whatever handler ran).
+
+    The trainer's handlers only set a flag, so the job cannot otherwise tell USR2 (submitit requeues) from SIGTERM
+    (SLURM requeues, or the job is cancelled). Python writes every handled signal's number to the wakeup fd.
+    """
+
+    def __enter__(self) -> "SignalLog":
+        self.received: set[int] = set()
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+        self._previous = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        signal.set_wakeup_fd(self._previous)
+        try:
+            while chunk := os.read(self._read, 4096):
+                self.received.update(chunk)
+        except BlockingIOError:
+            pass
+        os.close(self._read)
+        os.close(self._write)
+
+
+class TrainJob(submitit.helpers.Checkpointable):
+    """One task of the job: train `config_yaml`; on preemption hand the requeue to submitit or SLURM.
+
+    Holds only the config: a requeued job resumes from the run directory's latest checkpoint.
+    """
+
+    def __init__(self, config_yaml: str):
+        self.config_yaml = config_yaml
+
+    def __call__(self) -> dict[str, Any]:
+        from dinospec import dist
+        from dinospec.trainer import train
+
+        logging.basicConfig(level=os.environ.get("DINOSPEC_LOG", "INFO"),
+                            format="%(asctime)s %(levelname)s %(message)s")
+        cfg = config_from_yaml(self.config_yaml)
+        job_env = _job_environment()
+        if job_env is not None and job_env.cluster == "local":
+            _export_local_ranks(job_env)
+        with SignalLog() as signals:
+            outcome = train(cfg, resume="auto")
+        summary = {"status": outcome.status, "step": outcome.step, "run_dir": str(outcome.run_dir),
+                   "job_id": job_env.job_id if job_env is not None else None,
+                   "restarts": int(os.environ.get("SLURM_RESTART_COUNT", "0"))}
+        if outcome.status == "finished" or job_env is None:
+            if job_env is not None:  # nothing is left to save: a late USR2 (time limit) must not kill the exit
+                for sig in (signal.SIGUSR1, signal.SIGUSR2):
+                    signal.signal(sig, signal.SIG_IGN)
+            dist.shutdown()
+            return summary
+        self._hand_over(signals.received, job_env)
+        return summary  # not reached inside a job
+
+    def _hand_over(self, received: set[int], job_env: submitit.JobEnvironment) -> None:
+        """After the trainer saved on a signal: requeue through submitit (USR1/USR2) or leave it to SLURM (TERM).
+
+        Exits without a result pickle on every path, so no task reports the interrupted run as done.
+        """
+        from dinospec import dist
+
+        by_submitit = bool(received & {signal.SIGUSR1, signal.SIGUSR2})
+        print(f"dinospec: saved after {', '.join(signal.Signals(s).name for s in sorted(received)) or 'a signal'}; "
+              f"{'submitit requeues the job' if by_submitit else 'SLURM requeues or ends the job'}", flush=True)
+        try:
+            if by_submitit and job_env.global_rank == 0:
+                # submitit's handler is back in place (the trainer restores handlers): checkpoint(), count the
+                # time-out or preemption, scontrol requeue, then SystemExit (or UncompletedJobError: not requeued)
+                signal.raise_signal(getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG))
+        finally:
+            try:  # the other ranks wait for rank 0's hand-over before they go, so that none ends the step early
+                dist.barrier()
+            except Exception:  # rank 0 may already be gone
+                pass
+            dist.shutdown()
+        raise SystemExit(EXIT_PREEMPTED)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        """Called by submitit before it requeues: the same job, which resumes from `checkpoints/latest`."""
+        print("dinospec: requeued; the next run resumes from the run's latest checkpoint", flush=True)
+        return submitit.helpers.DelayedSubmission(TrainJob(self.config_yaml))
+
+
+def _job_environment() -> submitit.JobEnvironment | None:
+    try:
+        return submitit.JobEnvironment()
+    except RuntimeError:  # not inside a submitit job (called directly)
+        return None
+
+
+def _export_local_ranks(job_env: submitit.JobEnvironment) -> None:
+    """LocalExecutor tasks carry no SLURM variables: give dinospec.dist torchrun's instead."""
+    from dinospec.dist import slurm_port
+
+    if job_env.num_tasks > 1:
+        os.environ.update(RANK=str(job_env.global_rank), WORLD_SIZE=str(job_env.num_tasks),
+                          LOCAL_RANK=str(job_env.local_rank), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(slurm_port(job_env.job_id)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", action="append", default=[], metavar="FILE",
+                   help="YAML config merged over configs/default.yaml (repeatable)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="presets (model=NAME, spec=NAME) and dotted overrides (optim.base_lr=1e-3)")
+    g = p.add_argument_group("resources")
+    g.add_argument("--nodes", type=int, default=1)
+    g.add_argument("--gpus-per-node", type=int, default=0, help="one task per GPU (default 0: CPU tasks)")
+    g.add_argument("--tasks-per-node", type=int, help="default: --gpus-per-node, or 1 on CPU")
+    g.add_argument("--cpus-per-task", type=int, help="default: data.num_workers + 1")
+    g.add_argument("--mem", help="memory per node, SLURM syntax (64G; 0 = all of it)")
+    g.add_argument("--time", default="24:00:00", help="time limit of each run (requeues start anew; default 24 h)")
+    for name in ("partition", "account", "qos", "constraint", "exclude"):
+        g.add_argument(f"--{name}")
+    g.add_argument("--job-name", help="default: dinospec-<run directory name>")
+    g.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other sbatch option, e.g. --slurm gres=gpu:8 --slurm exclusive (repeatable)")
+    r = p.add_argument_group("requeue")
+    r.add_argument("--signal-delay", type=int, default=Resources.signal_delay_s, metavar="S",
+                   help="USR2 this many seconds before the time limit (default %(default)s)")
+    r.add_argument("--max-num-timeout", type=int, default=Resources.max_num_timeout, metavar="N",
+                   help="requeues after the time limit (default %(default)s; preemptions do not count)")
+    m = p.add_argument_group("mode")
+    mode = m.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
+    mode.add_argument("--local", action="store_true", help="run the job here through submitit's LocalExecutor")
+    m.add_argument("--wait", action="store_true", help="wait for the job to end (always with --local)")
+
+
+def resources_from_args(args: argparse.Namespace, cfg: DictConfig) -> Resources:
+    extra: dict[str, Any] = {}
+    for item in args.slurm:
+        key, sep, value = item.partition("=")
+        if not key or key.startswith("-"):
+            raise ConfigError(f"--slurm {item!r}: expected KEY=VALUE or KEY (an sbatch option without its dashes)")
+        extra[key.replace("_", "-")] = value if sep else True
+    tasks = args.tasks_per_node or args.gpus_per_node or 1
+    res = Resources(
+        nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=tasks,
+        cpus_per_task=args.cpus_per_task or cfg.data.num_workers + 1, time_min=parse_time(args.time),
+        job_name=args.job_name or f"dinospec-{Path(cfg.train.output_dir).name}", signal_delay_s=args.signal_delay,
+        max_num_timeout=args.max_num_timeout, mem=args.mem, partition=args.partition, account=args.account,
+        qos=args.qos, constraint=args.constraint, exclude=args.exclude, extra=extra)
+    res.check()
+    return res
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)  # a bad config fails here, before anything is queued
+    res = resources_from_args(args, cfg)
+    if args.dry_run:
+        print(sbatch_script(cfg, res))
+        return 0
+    if res.time_min <= SUBMITIT_TIMEOUT_FLOOR_MIN and not args.local:
+        print(f"dinospec: note: with --time <= {SUBMITIT_TIMEOUT_FLOOR_MIN} min submitit counts every USR2, "
+              f"preemptions included, as a time-out (at most --max-num-timeout {res.max_num_timeout})",
+              file=sys.stderr)
+    job = submit(cfg, res, local=args.local)
+    run_dir = Path(cfg.train.output_dir).absolute()
+    print(f"submitted job {job.job_id}: {res.nodes} node(s) x {res.tasks_per_node} task(s), run {run_dir}")
+    print(f"  log:    {job.paths.stdout}")
+    if not args.local:
+        print(f"  watch:  squeue -j {job.job_id}; sacct -j {job.job_id} -D; tail -f {job.paths.stdout}")
+        print(f"  stop:   scancel {job.job_id}   (save first and requeue: scancel --signal=USR2 {job.job_id})")
+    if not (args.wait or args.local):
+        return 0
+    try:
+        outcome = job.results()[0]
+    except KeyboardInterrupt:
+        if args.local:
+            job.cancel(check=False)
+        raise
+    print(f"job {job.job_id}: {outcome['status']} at step {outcome['step']} ({outcome['restarts']} restart(s))")
+    return 0 if outcome["status"] == "finished" else 1

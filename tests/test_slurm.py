@@ -1,0 +1,268 @@
+"""`dinospec submit` on a real SLURM cluster (scripts/slurm_ci.sh up): a 2-task CPU job trains and finishes, and
+every way a job gets interrupted ends requeued, resumed from its checkpoint, and bitwise equal to a run that was
+never interrupted.
+
+The four interruptions: (a) `scancel --signal=USR2` (what SLURM sends before a preemption), (b) the time limit
+running out (USR2 from `--signal`, submitit's time-out path), (c) real preemption by a job in partition `urgent`,
+(d) `scontrol requeue` (SIGTERM; SLURM requeues by itself). Cases run one after another (2 CPUs: one job at a time)
+and share one uninterrupted reference run.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import submitit
+import torch
+import yaml
+
+from dinospec import cli
+from dinospec.checkpoint import load_model_state
+from dinospec.config import load_config
+from dinospec.launch import Resources, submit
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 200  # ~17 s of training for 2 tasks on 2 cores (plus ~12 s of start-up per run)
+INTERRUPT_AT = 40  # steps logged before the test interrupts a run (about 3 s into training)
+TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE")
+
+TINY = {  # a tiny ViT on the repository's real photos; deterministic kernels, one thread per task
+    "student": {"arch": "vit_pico", "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2,
+                "drop_path_rate": 0.0},
+    "crops": {"global_crops_size": 32, "local_crops_size": 16, "local_crops_number": 2},
+    "dino": {"head_n_prototypes": 128, "head_hidden_dim": 64, "head_bottleneck_dim": 32},
+    "ibot": {"head_n_prototypes": 128, "head_hidden_dim": 64, "head_bottleneck_dim": 32},
+    "teacher": {"warmup_teacher_temp_epochs": 1},
+    "optim": {"epochs": 4, "warmup_epochs": 1, "freeze_last_layer_epochs": 0, "scaling_rule": "none"},
+    "data": {"path": str(REPO / "data" / "eval" / "photos"), "num_workers": 0, "pin_memory": False},
+    "train": {"batch_size_per_gpu": 4, "official_epoch_length": STEPS // 4, "log_every": 1, "deterministic": True},
+    "compute": {"device": "cpu"},
+    # no periodic checkpoints: only the interruption's and the final one (keep all: the test reads them)
+    "checkpoint": {"period_steps": 100_000, "keep_last": 0},
+    "logging": {"progress": False, "plots": False},
+}
+
+
+def _sinfo_problem() -> str | None:
+    try:
+        subprocess.run(["sinfo", "-h"], capture_output=True, text=True, check=True, timeout=30)
+    except FileNotFoundError:
+        return "sinfo not found (SLURM not installed)"
+    except subprocess.CalledProcessError as e:
+        return f"sinfo failed: {(e.stderr or e.stdout).strip()[:200]}"
+    except subprocess.TimeoutExpired:
+        return "sinfo did not answer in 30 s"
+    return None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster():
+    problem = _sinfo_problem()
+    if problem:
+        pytest.skip(f"no SLURM cluster: {problem}; start one with `sudo bash scripts/slurm_ci.sh up`")
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("slurm_cfg") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _sh(*cmd: str) -> str:
+    return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=60).stdout
+
+
+def _sacct_states(job_id: str) -> list[str]:
+    """Every run of the job, oldest first (-D: requeued runs too)."""
+    out = _sh("sacct", "-j", job_id, "-X", "-D", "-n", "-P", "-o", "State")
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def _log(run_dir: Path, job_id: str) -> str:
+    """Rank 0's stdout and stderr, appended across requeues."""
+    return "".join((run_dir / "slurm" / f"{job_id}_0_log.{ext}").read_text(errors="replace")
+                   for ext in ("out", "err") if (run_dir / "slurm" / f"{job_id}_0_log.{ext}").exists())
+
+
+def _logged_steps(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return sum(1 for _ in path.open()) if path.exists() else 0
+
+
+def _cancel(*job_ids: str | None) -> None:
+    ids = [j for j in job_ids if j]
+    if ids:
+        subprocess.run(["scancel", *ids], capture_output=True, timeout=60)
+
+
+def _wait_until(what: str, condition, deadline: float, run_dir: Path, job_id: str) -> None:
+    while not condition():
+        if time.time() > deadline:
+            states = _sacct_states(job_id)
+            pytest.fail(f"timed out waiting for {what} (job {job_id}, sacct {states}); log tail:\n"
+                        f"{_log(run_dir, job_id)[-3000:]}")
+        time.sleep(0.25)
+
+
+def _results(job: submitit.Job, run_dir: Path, deadline: float) -> list[dict]:
+    def ended() -> bool:
+        states = _sacct_states(job.job_id)
+        return bool(states) and states[-1].split()[0] in TERMINAL and job.done()
+
+    _wait_until("the job to end", ended, deadline, run_dir, job.job_id)
+    assert _sacct_states(job.job_id)[-1] == "COMPLETED", _log(run_dir, job.job_id)[-3000:]
+    return job.results()
+
+
+def _start_steps(log_text: str) -> list[int]:
+    """The first step of each run, from the trainer's start line ("steps 0 -> 200"): two or more means resumed."""
+    return [int(m) for m in re.findall(rf"steps (\d+) -> {STEPS}\b", log_text)]
+
+
+def _final_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS}"
+    return load_model_state(run_dir)
+
+
+def _assert_same_weights(run_dir: Path, reference: Path) -> None:
+    got, want = _final_state(run_dir), _final_state(reference)
+    assert sorted(got) == sorted(want)
+    assert any(k.startswith("teacher.") for k in got) and any(k.startswith("student.") for k in got)
+    differ = [k for k in want if not torch.equal(got[k], want[k])]
+    assert not differ, f"{len(differ)} of {len(want)} tensors differ from the uninterrupted run: {differ[:5]}"
+
+
+def _submit(config_file: Path, run_dir: Path, overrides: tuple[str, ...] = (), **resources) -> submitit.Job:
+    cfg = load_config([REPO / "configs" / "demo.yaml", config_file], [f"train.output_dir={run_dir}", *overrides])
+    res = Resources(tasks_per_node=2, cpus_per_task=1, time_min=30, job_name=f"test-{run_dir.name}")
+    for key, value in resources.items():
+        setattr(res, key, value)
+    return submit(cfg, res)
+
+
+def _interrupted_run(config_file: Path, run_dir: Path, interrupt, timeout_s: float, overrides=(), **resources):
+    """Submit, interrupt once INTERRUPT_AT steps are logged (interrupt(job_id) returns an extra job to cancel),
+    wait for the end; returns (results, log text, sacct states)."""
+    deadline = time.time() + timeout_s
+    job, extra = None, None
+    try:
+        job = _submit(config_file, run_dir, overrides, **resources)
+        if interrupt is not None:
+            _wait_until(f"{INTERRUPT_AT} steps", lambda: _logged_steps(run_dir) >= INTERRUPT_AT, deadline, run_dir,
+                        job.job_id)
+            extra = interrupt(job.job_id)
+        results = _results(job, run_dir, deadline)
+        return results, _log(run_dir, job.job_id), _sacct_states(job.job_id)
+    finally:
+        _cancel(job.job_id if job is not None else None, extra)
+
+
+def _assert_resumed(results: list[dict], log_text: str, states: list[str], run_dir: Path) -> int:
+    """Finished on both ranks after at least one requeue that resumed mid-run; returns the resumed step."""
+    assert [r["status"] for r in results] == ["finished", "finished"] and results[0]["step"] == STEPS
+    assert results[0]["restarts"] >= 1, "SLURM_RESTART_COUNT: the job never ran again"
+    assert "REQUEUED" in states[:-1], states
+    starts = _start_steps(log_text)
+    assert len(starts) >= 2 and starts[0] == 0 and 0 < starts[1] < STEPS, starts
+    assert starts == sorted(starts), f"a run started before the previous one's checkpoint: {starts}"
+    steps_logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").open()]
+    assert sorted(set(steps_logged)) == list(range(1, STEPS + 1))
+    return starts[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tests (in file order; all compare with the same uninterrupted run)
+
+
+@pytest.fixture(scope="module")
+def reference(config_file, tmp_path_factory) -> Path:
+    """The uninterrupted run, submitted through the command line."""
+    run_dir = tmp_path_factory.mktemp("slurm_ref") / "ref"
+    argv = ["submit", "--config", str(REPO / "configs" / "demo.yaml"), "--config", str(config_file),
+            f"train.output_dir={run_dir}", "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "30"]
+    import io
+    from contextlib import redirect_stdout
+
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert cli.main(argv) == 0
+    job_id = re.search(r"submitted job (\d+)", out.getvalue()).group(1)
+    try:
+        job = submitit.SlurmJob(folder=run_dir / "slurm", job_id=job_id, tasks=[0, 1])
+        results = _results(job, run_dir, time.time() + 120)
+    finally:
+        _cancel(job_id)
+    assert [r["status"] for r in results] == ["finished", "finished"], results
+    assert results[0]["restarts"] == 0 and _start_steps(_log(run_dir, job_id)) == [0]
+    # what was submitted is what --dry-run prints
+    dry = io.StringIO()
+    with redirect_stdout(dry):
+        assert cli.main(argv + ["--dry-run"]) == 0
+    assert (run_dir / "slurm" / f"{job_id}_submission.sh").read_text().strip() == dry.getvalue().strip()
+    return run_dir
+
+
+def test_two_task_job_trains_and_finishes(reference):
+    log_text = _log(reference, next(reference.glob("slurm/*_0_log.out")).name.split("_")[0])
+    assert "2 rank(s) on cpu" in log_text
+    assert _logged_steps(reference) == STEPS
+    assert sorted(p.name for p in (reference / "checkpoints").iterdir()) == ["latest", f"step_{STEPS}"]
+
+
+def test_usr2_requeues_and_resumes_exactly(config_file, reference, tmp_path):
+    run_dir = tmp_path / "usr2"
+    results, log_text, states = _interrupted_run(
+        config_file, run_dir, lambda job_id: _sh("scancel", "--signal=USR2", job_id) and None, timeout_s=150)
+    resumed = _assert_resumed(results, log_text, states, run_dir)
+    assert (run_dir / "checkpoints" / f"step_{resumed}").is_dir()
+    assert "this job is preempted" in log_text and "Requeued job" in log_text
+    _assert_same_weights(run_dir, reference)
+
+
+def test_time_limit_requeues_and_resumes_exactly(config_file, reference, tmp_path):
+    """--time 1: SLURM's USR2 comes 29-59 s into each run (its timer ticks every 30 s), the kill 30 s later.
+    A checkpoint at every step slows training to over a minute so the first run is always cut; saving must not
+    change the weights either."""
+    run_dir = tmp_path / "timelimit"
+    results, log_text, states = _interrupted_run(
+        config_file, run_dir, None, timeout_s=280, overrides=("checkpoint.period_steps=1", "checkpoint.keep_last=2"),
+        time_min=1, signal_delay_s=1, max_num_timeout=6)
+    _assert_resumed(results, log_text, states, run_dir)
+    assert "this job is timed-out" in log_text and "Job not requeued" not in log_text
+    _assert_same_weights(run_dir, reference)
+
+
+def test_preemption_by_urgent_partition_resumes_exactly(config_file, reference, tmp_path):
+    run_dir = tmp_path / "preempted"
+
+    def preempt(job_id: str) -> str:  # needs both CPUs: SLURM preempts (USR2, then requeue) the debug job
+        return _sh("sbatch", "--parsable", "-p", "urgent", "-J", "test-urgent", "--cpus-per-task=2",
+                   "-o", "/dev/null", "--wrap", "sleep 2").strip().split(";")[0]
+
+    results, log_text, states = _interrupted_run(config_file, run_dir, preempt, timeout_s=150)
+    resumed = _assert_resumed(results, log_text, states, run_dir)
+    assert (run_dir / "checkpoints" / f"step_{resumed}").is_dir()
+    assert "this job is preempted" in log_text
+    _assert_same_weights(run_dir, reference)
+
+
+def test_scontrol_requeue_resumes_exactly(config_file, reference, tmp_path):
+    run_dir = tmp_path / "requeue"
+    results, log_text, states = _interrupted_run(
+        config_file, run_dir, lambda job_id: _sh("scontrol", "requeue", job_id) and None, timeout_s=150)
+    resumed = _assert_resumed(results, log_text, states, run_dir)
+    assert (run_dir / "checkpoints" / f"step_{resumed}").is_dir()
+    assert "saved after SIGTERM" in log_text and "SLURM requeues" in log_text
+    _assert_same_weights(run_dir, reference)
