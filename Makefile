@@ -14,6 +14,8 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[dev]'
+	# the reference DINOv2 code, for parity tests only (it pins torch 2.0, hence --no-deps; never a dependency)
+	$(PY) -m pip install -q --no-deps dinov2==0.0.1.dev2
 	touch $@
 
 install: $(VENV)/.installed

@@ -9,6 +9,7 @@ adds work, so a specialised model's FLOPs equal the vanilla model's exactly.
 from __future__ import annotations
 
 import re
+import warnings
 from collections import defaultdict
 from typing import Any, Mapping
 
@@ -45,7 +46,9 @@ def _sdpa_macs(inputs: list, outputs: list) -> int:
 
 def count_flops(model: nn.Module, img_size: int, batch: int = 1) -> int:
     """Forward FLOPs (2 x multiply-adds) of `model` on a batch of img_size x img_size images, counted by fvcore."""
-    from fvcore.nn import FlopCountAnalysis
+    with warnings.catch_warnings():  # fvcore's import still calls the deprecated torch.jit.script
+        warnings.simplefilter("ignore", FutureWarning)
+        from fvcore.nn import FlopCountAnalysis
 
     x = torch.zeros(batch, 3, img_size, img_size)
     was_training = model.training
