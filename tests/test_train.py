@@ -106,3 +106,13 @@ def test_nonfinite_loss_stops_with_the_step_named(tmp_path: Path) -> None:
 
 def test_preemption_exit_code_is_distinct() -> None:
     assert EXIT_PREEMPTED not in (0, 1, 2)
+
+
+def test_wandb_offline_logs_without_network(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    args = tiny_overrides(run, photos_dir(), **{"train.max_steps": 2, "logging.wandb.enabled": True,
+                                                "logging.wandb.mode": "offline"})
+    run_cli(["train", *args], env={"WANDB_SILENT": "true"})
+    offline_runs = list(run.glob("wandb/offline-run-*"))
+    assert len(offline_runs) == 1, list(run.rglob("*"))[:20]
+    assert any(p.suffix == ".wandb" for p in offline_runs[0].iterdir())
