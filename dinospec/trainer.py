@@ -80,7 +80,14 @@ class OptimState(Stateful):
         self.model, self.optimizer = model, optimizer
 
     def state_dict(self) -> dict[str, Any]:
-        return get_optimizer_state_dict(self.model, self.optimizer)
+        fresh = not self.optimizer.state  # no step taken yet (every step so far skipped as non-finite)
+        state = get_optimizer_state_dict(self.model, self.optimizer)
+        if fresh:  # torch made that state with a zero-lr step that counts: save, and keep, "no step taken"
+            self.optimizer.state.clear()
+            for per_param in state["state"].values():
+                if "step" in per_param:
+                    per_param["step"] = torch.zeros_like(per_param["step"])
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         set_optimizer_state_dict(self.model, self.optimizer, state_dict)
@@ -106,7 +113,8 @@ class Progress(Stateful):
         self.step = int(state_dict["step"])
         self.nonfinite_skips = int(state_dict["nonfinite_skips"])
         if int(state_dict["world_size"]) == dist.world_size():
-            restore_rng({k[4:]: v[dist.rank()] for k, v in state_dict.items() if k.startswith("rng.")})
+            # clone: torch.set_rng_state segfaults on a view at a non-zero storage offset (rank >= 1's row)
+            restore_rng({k[4:]: v[dist.rank()].clone() for k, v in state_dict.items() if k.startswith("rng.")})
         else:  # another number of ranks: a fresh, deterministic stream per rank (data order does not depend on it)
             log.warning("resuming on %d ranks from a %d-rank checkpoint: RNG streams reseeded",
                         dist.world_size(), int(state_dict["world_size"]))
@@ -170,6 +178,13 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _num_threads(cfg: DictConfig) -> int:
+    if cfg.compute.num_threads is not None:
+        return max(1, cfg.compute.num_threads)
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1")).split("(")[0])
+    return max(1, (os.cpu_count() or 1) // max(1, ranks_here) - cfg.data.num_workers)
+
+
 def _precision(cfg: DictConfig, device: torch.device) -> torch.dtype | None:
     p = cfg.compute.precision
     if p == "auto":
@@ -205,6 +220,7 @@ def train(cfg: DictConfig, resume: str = "auto") -> TrainOutcome:
     """Pretrain as `cfg` says. resume: "auto" (latest checkpoint of the run dir, if any), "never", or a path."""
     env, device = dist.init_distributed(cfg.compute.device)
     run_dir = Path(cfg.train.output_dir)
+    torch.set_num_threads(_num_threads(cfg))
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
 

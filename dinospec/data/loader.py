@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 from typing import Any, Iterator
 
 import torch
@@ -89,6 +90,16 @@ def collate_multicrop(samples: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGUSR1/SIGUSR2 to the main process.
+
+    SLURM, timeout and torchrun signal the whole process group: a worker killed by the default handler would make
+    the loader raise in the middle of the graceful save the trainer does on those signals.
+    """
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class SSLLoader:
     """Infinite iterable of batches with an exact-resume position.
 
@@ -103,7 +114,7 @@ class SSLLoader:
         self._position = sampler.position
         self._loader = DataLoader(samples, batch_sampler=sampler, num_workers=num_workers,
                                   collate_fn=collate_multicrop, pin_memory=pin_memory,
-                                  persistent_workers=num_workers > 0)
+                                  persistent_workers=num_workers > 0, worker_init_fn=_ignore_stop_signals)
 
     @property
     def position(self) -> int:
