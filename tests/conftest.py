@@ -8,9 +8,20 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Test tensors are tiny: with 2 intra-op threads each op waits on a thread barrier, and on a busy 2-core CI
+    machine that wait dominates (minutes instead of seconds). One thread computes the same numbers."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def photos_dir() -> Path:

@@ -24,14 +24,6 @@ PAPER_SPEC = dict(groups=[["cls"], ["reg", "patch"]], norm1="all", qkv="0:1", pr
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: with 2 intra-op threads, each op waits on a thread barrier, and on a busy CI machine
-    that wait dominates (minutes instead of seconds). One thread computes the same numbers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 def tiny_model(spec: dict = PAPER_SPEC) -> torch.nn.Module:
     torch.manual_seed(0)
