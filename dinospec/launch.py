@@ -13,6 +13,9 @@ Interruptions, and who requeues:
 - ``scontrol requeue`` from outside (or a plain SIGTERM): SLURM requeues by itself; the trainer saves, the tasks exit
   without a result so nothing stale is reported, and the requeued job resumes from ``checkpoints/latest``.
 Logs: ``<run>/slurm/<jobid>_<task>_log.out|err`` (appended across requeues).
+
+submitit.SlurmExecutor / LocalExecutor are used directly (AutoExecutor only picks one of them): the very parameters
+that submit a job also render the ``--dry-run`` script, on machines without SLURM too.
 """
 
 from __future__ import annotations
@@ -32,8 +35,6 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dinospec.config import ConfigError, RunConfig, load_config, to_yaml, validate
-
-log = logging.getLogger("dinospec")
 
 LOG_DIR = "slurm"  # submitit's job folder inside the run directory
 EXIT_PREEMPTED = 75  # as dinospec.trainer: saved on a signal, resumed by the requeued job
@@ -212,8 +213,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         from dinospec import dist
         from dinospec.trainer import train
 
-        logging.basicConfig(level=os.environ.get("DINOSPEC_LOG", "INFO"),
-                            format="%(asctime)s %(levelname)s %(message)s")
+        _log_to_stderr()
         cfg = config_from_yaml(self.config_yaml)
         job_env = _job_environment()
         if job_env is not None and job_env.cluster == "local":
@@ -233,13 +233,15 @@ class TrainJob(submitit.helpers.Checkpointable):
         return summary  # not reached inside a job
 
     def _hand_over(self, received: set[int], job_env: submitit.JobEnvironment) -> None:
-        """After the trainer saved on a signal: requeue through submitit (USR1/USR2) or leave it to SLURM (TERM).
+        """After the trainer saved on a signal: requeue through submitit (USR1/USR2) or leave it to SLURM (TERM only).
 
-        Exits without a result pickle on every path, so no task reports the interrupted run as done.
+        No task returns a result for the interrupted run (only rank 0 writes submitit's error if it refuses to
+        requeue, e.g. "timed-out too many times"), so nothing reports it as done.
         """
         from dinospec import dist
 
-        by_submitit = bool(received & {signal.SIGUSR1, signal.SIGUSR2})
+        # SIGTERM alone: `scontrol requeue`, a cancel or a kill at the limit, where SLURM decides; else submitit's path
+        by_submitit = bool(received & {signal.SIGUSR1, signal.SIGUSR2}) or signal.SIGTERM not in received
         print(f"dinospec: saved after {', '.join(signal.Signals(s).name for s in sorted(received)) or 'a signal'}; "
               f"{'submitit requeues the job' if by_submitit else 'SLURM requeues or ends the job'}", flush=True)
         try:
@@ -257,8 +259,18 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Called by submitit before it requeues: the same job, which resumes from `checkpoints/latest`."""
-        print("dinospec: requeued; the next run resumes from the run's latest checkpoint", flush=True)
+        print("dinospec: requeuing; the next run resumes from the run's latest checkpoint", flush=True)
         return submitit.helpers.DelayedSubmission(TrainJob(self.config_yaml))
+
+
+def _log_to_stderr() -> None:
+    """dinospec's log lines into the task's .err file (not the root logger: submitit's lines would come twice)."""
+    logger = logging.getLogger("dinospec")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(os.environ.get("DINOSPEC_LOG", "INFO"))
 
 
 def _job_environment() -> submitit.JobEnvironment | None:
@@ -329,9 +341,26 @@ def resources_from_args(args: argparse.Namespace, cfg: DictConfig) -> Resources:
     return res
 
 
+def resume_step(cfg: DictConfig) -> int | None:
+    """The step a (re)submitted run resumes from (None: a fresh run). A run directory whose checkpoints another,
+    incompatible config wrote fails here with ConfigError, not hours later when the job leaves the queue."""
+    from dinospec.checkpoint import Checkpointer, CheckpointError
+    from dinospec.trainer import check_compatible
+
+    checkpointer = Checkpointer(cfg.train.output_dir)
+    step = checkpointer.latest_step()
+    if step is not None:
+        try:
+            check_compatible(checkpointer.read_config(), cfg)
+        except CheckpointError as e:  # nothing usable: the job would start afresh or fail; say so now
+            raise ConfigError(f"{cfg.train.output_dir} holds checkpoints that cannot be read: {e}") from None
+    return step
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)  # a bad config fails here, before anything is queued
     res = resources_from_args(args, cfg)
+    step = resume_step(cfg)
     if args.dry_run:
         print(sbatch_script(cfg, res))
         return 0
@@ -341,7 +370,8 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     job = submit(cfg, res, local=args.local)
     run_dir = Path(cfg.train.output_dir).absolute()
-    print(f"submitted job {job.job_id}: {res.nodes} node(s) x {res.tasks_per_node} task(s), run {run_dir}")
+    print(f"submitted job {job.job_id}: {res.nodes} node(s) x {res.tasks_per_node} task(s), run {run_dir}"
+          f"{f' (resumes from step {step})' if step is not None else ''}")
     print(f"  log:    {job.paths.stdout}")
     if not args.local:
         print(f"  watch:  squeue -j {job.job_id}; sacct -j {job.job_id} -D; tail -f {job.paths.stdout}")

@@ -9,8 +9,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from dinospec import cli
+from dinospec.checkpoint import Checkpointer
 from dinospec.config import ConfigError, load_config, to_yaml
 from dinospec.dist import DistEnv, expand_nodelist, read_env, slurm_port
 from dinospec.launch import Resources, SignalLog, config_from_yaml, parse_time, sbatch_script
@@ -124,6 +126,16 @@ def test_submit_refuses_bad_requests_before_anything_runs(tmp_path, capsys):
     assert cli.main(base + ["--time", "1", "--signal-delay", "90"]) == 2
     assert cli.main(base + ["--slurm=--bad"]) == 2  # sbatch options are given without their dashes
     assert not (tmp_path / "r").exists()
+
+
+def test_submit_checks_the_run_directory_it_would_resume(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    saved = load_config([DEMO], [f"train.output_dir={run_dir}", "student.embed_dim=96"])
+    Checkpointer(run_dir).save(3, {"model": {"w": torch.zeros(2)}}, config_yaml=to_yaml(saved))
+    argv = ["submit", "--config", DEMO, f"train.output_dir={run_dir}"]
+    assert cli.main(argv + ["student.embed_dim=96", "--dry-run"]) == 0  # same model: it resumes
+    assert cli.main(argv + ["--dry-run"]) == 2  # another model: refused before anything is queued
+    assert "student.embed_dim" in capsys.readouterr().err
 
 
 def test_config_round_trip_through_the_job():

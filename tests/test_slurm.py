@@ -10,10 +10,13 @@ and share one uninterrupted reference run.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import subprocess
 import time
+from contextlib import redirect_stdout
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -52,13 +55,15 @@ TINY = {  # a tiny ViT on the repository's real photos; deterministic kernels, o
 
 def _sinfo_problem() -> str | None:
     try:
-        subprocess.run(["sinfo", "-h"], capture_output=True, text=True, check=True, timeout=30)
+        out = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True, check=True, timeout=30)
     except FileNotFoundError:
         return "sinfo not found (SLURM not installed)"
     except subprocess.CalledProcessError as e:
         return f"sinfo failed: {(e.stderr or e.stdout).strip()[:200]}"
     except subprocess.TimeoutExpired:
         return "sinfo did not answer in 30 s"
+    if not {"debug", "urgent"} <= set(out.stdout.split()):  # a real cluster's login node: submit nothing there
+        return f"partitions {sorted(set(out.stdout.split()))} are not the test cluster's (debug, urgent)"
     return None
 
 
@@ -117,9 +122,9 @@ def _wait_until(what: str, condition, deadline: float, run_dir: Path, job_id: st
 
 
 def _results(job: submitit.Job, run_dir: Path, deadline: float) -> list[dict]:
-    def ended() -> bool:
+    def ended() -> bool:  # the latest run ended for good (a requeued job shows PENDING or RUNNING again)
         states = _sacct_states(job.job_id)
-        return bool(states) and states[-1].split()[0] in TERMINAL and job.done()
+        return bool(states) and states[-1] in TERMINAL and job.done()
 
     _wait_until("the job to end", ended, deadline, run_dir, job.job_id)
     assert _sacct_states(job.job_id)[-1] == "COMPLETED", _log(run_dir, job.job_id)[-3000:]
@@ -147,39 +152,47 @@ def _assert_same_weights(run_dir: Path, reference: Path) -> None:
 def _submit(config_file: Path, run_dir: Path, overrides: tuple[str, ...] = (), **resources) -> submitit.Job:
     cfg = load_config([REPO / "configs" / "demo.yaml", config_file], [f"train.output_dir={run_dir}", *overrides])
     res = Resources(tasks_per_node=2, cpus_per_task=1, time_min=30, job_name=f"test-{run_dir.name}")
-    for key, value in resources.items():
-        setattr(res, key, value)
-    return submit(cfg, res)
+    return submit(cfg, replace(res, **resources))
 
 
-def _interrupted_run(config_file: Path, run_dir: Path, interrupt, timeout_s: float, overrides=(), **resources):
-    """Submit, interrupt once INTERRUPT_AT steps are logged (interrupt(job_id) returns an extra job to cancel),
-    wait for the end; returns (results, log text, sacct states)."""
+@dataclass
+class Finished:
+    results: list[dict]  # each task's return value
+    log: str  # rank 0's stdout + stderr over all runs
+    states: list[str]  # sacct, one per run
+    other_job: str | None  # a job the interruption submitted
+
+
+def _interrupted_run(config_file: Path, run_dir: Path, interrupt, timeout_s: float, overrides=(),
+                     **resources) -> Finished:
+    """Submit; once INTERRUPT_AT steps are logged call interrupt(job_id) (it may return another job's id, cancelled
+    at the end); wait for the job to end."""
     deadline = time.time() + timeout_s
-    job, extra = None, None
+    job, other = None, None
     try:
         job = _submit(config_file, run_dir, overrides, **resources)
         if interrupt is not None:
             _wait_until(f"{INTERRUPT_AT} steps", lambda: _logged_steps(run_dir) >= INTERRUPT_AT, deadline, run_dir,
                         job.job_id)
-            extra = interrupt(job.job_id)
+            other = interrupt(job.job_id)
         results = _results(job, run_dir, deadline)
-        return results, _log(run_dir, job.job_id), _sacct_states(job.job_id)
+        return Finished(results, _log(run_dir, job.job_id), _sacct_states(job.job_id), other)
     finally:
-        _cancel(job.job_id if job is not None else None, extra)
+        _cancel(job.job_id if job is not None else None, other)
 
 
-def _assert_resumed(results: list[dict], log_text: str, states: list[str], run_dir: Path) -> int:
-    """Finished on both ranks after at least one requeue that resumed mid-run; returns the resumed step."""
-    assert [r["status"] for r in results] == ["finished", "finished"] and results[0]["step"] == STEPS
-    assert results[0]["restarts"] >= 1, "SLURM_RESTART_COUNT: the job never ran again"
-    assert "REQUEUED" in states[:-1], states
-    starts = _start_steps(log_text)
-    assert len(starts) >= 2 and starts[0] == 0 and 0 < starts[1] < STEPS, starts
+def _assert_resumed(done: Finished, run_dir: Path) -> int:
+    """Finished on both ranks after at least one requeue that resumed mid-run; returns the first resumed step."""
+    assert [r["status"] for r in done.results] == ["finished", "finished"] and done.results[0]["step"] == STEPS
+    assert done.results[0]["restarts"] >= 1, "SLURM_RESTART_COUNT: the job never ran again"
+    assert "REQUEUED" in done.states[:-1], done.states
+    starts = _start_steps(done.log)
+    resumed = [k for k in starts[1:] if 0 < k < STEPS]
+    assert len(starts) >= 2 and starts[0] == 0 and resumed, starts
     assert starts == sorted(starts), f"a run started before the previous one's checkpoint: {starts}"
     steps_logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").open()]
     assert sorted(set(steps_logged)) == list(range(1, STEPS + 1))
-    return starts[1]
+    return resumed[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -192,16 +205,13 @@ def reference(config_file, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("slurm_ref") / "ref"
     argv = ["submit", "--config", str(REPO / "configs" / "demo.yaml"), "--config", str(config_file),
             f"train.output_dir={run_dir}", "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "30"]
-    import io
-    from contextlib import redirect_stdout
-
     out = io.StringIO()
     with redirect_stdout(out):
         assert cli.main(argv) == 0
     job_id = re.search(r"submitted job (\d+)", out.getvalue()).group(1)
     try:
         job = submitit.SlurmJob(folder=run_dir / "slurm", job_id=job_id, tasks=[0, 1])
-        results = _results(job, run_dir, time.time() + 120)
+        results = _results(job, run_dir, time.time() + 180)
     finally:
         _cancel(job_id)
     assert [r["status"] for r in results] == ["finished", "finished"], results
@@ -215,54 +225,72 @@ def reference(config_file, tmp_path_factory) -> Path:
 
 
 def test_two_task_job_trains_and_finishes(reference):
-    log_text = _log(reference, next(reference.glob("slurm/*_0_log.out")).name.split("_")[0])
-    assert "2 rank(s) on cpu" in log_text
+    job_id = next(reference.glob("slurm/*_0_log.out")).name.split("_")[0]
+    assert "2 rank(s) on cpu" in _log(reference, job_id)
     assert _logged_steps(reference) == STEPS
     assert sorted(p.name for p in (reference / "checkpoints").iterdir()) == ["latest", f"step_{STEPS}"]
 
 
+def _send_usr2(job_id: str) -> None:
+    _sh("scancel", "--signal=USR2", job_id)  # to every task, as SLURM's --signal and preemption notice do
+
+
+def _submit_urgent(job_id: str) -> str:
+    """A job in the higher-tier partition that needs both CPUs: SLURM preempts (USR2, then requeue) the debug job."""
+    return _sh("sbatch", "--parsable", "-p", "urgent", "-J", "test-urgent", "--cpus-per-task=2", "-o", "/dev/null",
+               "--wrap", "sleep 2").strip().split(";")[0]
+
+
+def _scontrol_requeue(job_id: str) -> None:
+    _sh("scontrol", "requeue", job_id)  # SIGTERM now, SIGKILL after KillWait; SLURM puts the job back itself
+
+
 def test_usr2_requeues_and_resumes_exactly(config_file, reference, tmp_path):
     run_dir = tmp_path / "usr2"
-    results, log_text, states = _interrupted_run(
-        config_file, run_dir, lambda job_id: _sh("scancel", "--signal=USR2", job_id) and None, timeout_s=150)
-    resumed = _assert_resumed(results, log_text, states, run_dir)
+    done = _interrupted_run(config_file, run_dir, _send_usr2, timeout_s=200)
+    resumed = _assert_resumed(done, run_dir)
     assert (run_dir / "checkpoints" / f"step_{resumed}").is_dir()
-    assert "this job is preempted" in log_text and "Requeued job" in log_text
+    assert "this job is preempted" in done.log
+    assert f"({Resources.max_num_timeout} remaining timeouts)" in done.log  # a preemption uses up no time-out
     _assert_same_weights(run_dir, reference)
 
 
 def test_time_limit_requeues_and_resumes_exactly(config_file, reference, tmp_path):
-    """--time 1: SLURM's USR2 comes 29-59 s into each run (its timer ticks every 30 s), the kill 30 s later.
-    A checkpoint at every step slows training to over a minute so the first run is always cut; saving must not
-    change the weights either."""
+    """--time 1: SLURM's USR2 comes 29-59 s into a run (its timer ticks every 30 s), the kill 30 s later. A checkpoint
+    at every step slows training to over a minute so that the first run is cut mid-training; saving must not change
+    the weights either. Once a cut run has been requeued the test lifts the limit, so the rest runs in one go."""
     run_dir = tmp_path / "timelimit"
-    results, log_text, states = _interrupted_run(
-        config_file, run_dir, None, timeout_s=280, overrides=("checkpoint.period_steps=1", "checkpoint.keep_last=2"),
-        time_min=1, signal_delay_s=1, max_num_timeout=6)
-    _assert_resumed(results, log_text, states, run_dir)
-    assert "this job is timed-out" in log_text and "Job not requeued" not in log_text
+
+    def lift_limit_after_a_cut(job_id: str) -> None:
+        def cut() -> bool:  # a run ended by the limit after it saved
+            return "REQUEUED" in _sacct_states(job_id) and (run_dir / "checkpoints" / "latest").exists()
+
+        _wait_until("a requeue at the time limit", cut, time.time() + 240, run_dir, job_id)
+        _sh("scontrol", "update", f"JobId={job_id}", "TimeLimit=30")
+
+    done = _interrupted_run(config_file, run_dir, lift_limit_after_a_cut, timeout_s=300,
+                            overrides=("checkpoint.period_steps=1", "checkpoint.keep_last=2"),
+                            time_min=1, signal_delay_s=1, max_num_timeout=3)
+    _assert_resumed(done, run_dir)
+    assert "this job is timed-out" in done.log and "(2 remaining timeouts)" in done.log  # 3 - 1
     _assert_same_weights(run_dir, reference)
 
 
 def test_preemption_by_urgent_partition_resumes_exactly(config_file, reference, tmp_path):
     run_dir = tmp_path / "preempted"
-
-    def preempt(job_id: str) -> str:  # needs both CPUs: SLURM preempts (USR2, then requeue) the debug job
-        return _sh("sbatch", "--parsable", "-p", "urgent", "-J", "test-urgent", "--cpus-per-task=2",
-                   "-o", "/dev/null", "--wrap", "sleep 2").strip().split(";")[0]
-
-    results, log_text, states = _interrupted_run(config_file, run_dir, preempt, timeout_s=150)
-    resumed = _assert_resumed(results, log_text, states, run_dir)
+    done = _interrupted_run(config_file, run_dir, _submit_urgent, timeout_s=200)
+    resumed = _assert_resumed(done, run_dir)
     assert (run_dir / "checkpoints" / f"step_{resumed}").is_dir()
-    assert "this job is preempted" in log_text
+    assert "this job is preempted" in done.log
+    assert _sacct_states(done.other_job)[-1] == "COMPLETED", "the urgent job did not run"
     _assert_same_weights(run_dir, reference)
 
 
 def test_scontrol_requeue_resumes_exactly(config_file, reference, tmp_path):
     run_dir = tmp_path / "requeue"
-    results, log_text, states = _interrupted_run(
-        config_file, run_dir, lambda job_id: _sh("scontrol", "requeue", job_id) and None, timeout_s=150)
-    resumed = _assert_resumed(results, log_text, states, run_dir)
+    done = _interrupted_run(config_file, run_dir, _scontrol_requeue, timeout_s=200)
+    resumed = _assert_resumed(done, run_dir)
     assert (run_dir / "checkpoints" / f"step_{resumed}").is_dir()
-    assert "saved after SIGTERM" in log_text and "SLURM requeues" in log_text
+    assert "saved after SIGTERM" in done.log and "SLURM requeues" in done.log
+    assert "this job is" not in done.log  # submitit's USR2 path was not involved
     _assert_same_weights(run_dir, reference)
