@@ -177,8 +177,8 @@ class ComputeConfig:
     compile: bool = False
     """torch.compile each backbone block."""
     num_threads: Optional[int] = None
-    """torch intra-op threads per rank (null = CPU cores / ranks on the node - data workers, at least 1: an
-    oversubscribed CPU runs many times slower)."""
+    """torch intra-op threads per rank (null = $OMP_NUM_THREADS if set, else CPU cores / ranks on the node - data
+    workers, at least 1: an oversubscribed CPU runs many times slower)."""
     strategy: str = "auto"
     """auto (FSDP2 on GPU with >1 rank, DDP on CPU with >1 rank, plain module alone) | fsdp | ddp | none."""
 

@@ -181,6 +181,8 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 def _num_threads(cfg: DictConfig) -> int:
     if cfg.compute.num_threads is not None:
         return max(1, cfg.compute.num_threads)
+    if "OMP_NUM_THREADS" in os.environ:  # set by the user, torchrun or SLURM job scripts: respect it
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1")).split("(")[0])
     return max(1, (os.cpu_count() or 1) // max(1, ranks_here) - cfg.data.num_workers)
 

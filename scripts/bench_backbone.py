@@ -2,16 +2,20 @@
 
 Compares, at the same size and input, dinospec's routed `paper` preset vs dinospec vanilla (the cost of routing),
 and dinospec vanilla vs timm's VisionTransformer and vs the reference `dinov2` package (PyPI 0.0.1.dev2, installed
-with `pip install --no-deps dinov2==0.0.1.dev2`; its attention runs as plain matmuls without xformers).
+with `pip install --no-deps dinov2==0.0.1.dev2`; without xformers its attention runs as plain matmuls + softmax).
+`routed_split` and `routed_gather` are proposed TokenRouted implementations (see below), measured side by side.
 
     .venv/bin/python scripts/bench_backbone.py --archs vit_small,vit_base --batch 32 --reps 5
 
 Time: all models are built in one process and measured in rotating interleaved order (A B C D, B C D A, ...), one
-warm-up step each, so machine noise hits every config alike; the median of --reps steps is reported.
+warm-up step each, so machine noise hits every config alike; medians (and minima) of --reps steps are reported,
+wall-clock and process CPU time.
 Memory: tracemalloc does not see torch's allocations, so each (config, repetition) runs in a fresh subprocess that
 builds its model and input, returns freed heap to the OS (malloc_trim), resets the kernel's peak-RSS mark
 (/proc/self/clear_refs) and reports the peak RSS of its first step above the RSS just before it: activations kept
-for backward, gradients and temporaries. The median over --mem-reps subprocesses is reported.
+for backward, gradients, temporaries, and what the allocator holds on to (heap fragmentation). --mmap-threshold N
+runs the children with MALLOC_MMAP_THRESHOLD_=N, so that glibc serves every large block by mmap and RSS follows the
+live tensors. The median over --mem-reps subprocesses is reported.
 All configs use torch.set_num_threads(--threads), drop path 0 (the three code bases drop paths differently),
 LayerScale 1e-5, patch --patch, no registers, and the loss = mean of the normalised [CLS] + patch tokens.
 """
@@ -20,11 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Callable
 
@@ -35,25 +41,62 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIGS = ("vanilla", "routed", "timm", "dinov2")
 RATIOS = [  # (numerator, denominator, target ratio)
     ("routed", "vanilla", 1.02),
+    ("routed_split", "vanilla", 1.02),
+    ("routed_gather", "vanilla", 1.02),
     ("vanilla", "timm", 1.0),
     ("vanilla", "dinov2", 1.0),
 ]
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# proposed TokenRouted forwards (swapped onto the modules of a built model; same parameters, same results)
+
+
+def split_forward(self: nn.Module, x: Tensor, routing) -> Tensor:
+    """One split into segment views instead of one slice per segment.
+
+    The backward of a slice allocates a zero tensor of the full input size and copies its segment in, once per
+    segment, and autograd then adds those up; the backward of one split is a single cat of the segment grads.
+    """
+    sizes = [b - a for a, b, _ in routing.segments]
+    parts = [self[g](xs) for xs, (_, _, g) in zip(x.split(sizes, dim=1), routing.segments)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def gathered_scale_forward(self: nn.Module, x: Tensor, routing) -> Tensor:
+    """LayerScale as one multiply by a per-token gamma gathered from the copies: no split, no cat."""
+    gamma = torch.stack([copy.gamma for copy in self])[routing.group_index(x.device)]  # (N, C)
+    return x * gamma
+
+
+def use_routing_variant(model: nn.Module, variant: str) -> None:
+    from dinospec.models.routed import TokenRouted
+    from dinospec.models.vit import LayerScale
+
+    for m in model.modules():
+        if isinstance(m, TokenRouted):
+            gather = variant == "gather" and isinstance(m[0], LayerScale)
+            m.forward = types.MethodType(gathered_scale_forward if gather else split_forward, m)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the models
+
+
 def build(config: str, arch: str, patch: int, img: int) -> tuple[nn.Module, Callable[[nn.Module, Tensor], Tensor]]:
     """A model and its loss function; every model computes the same architecture."""
-    from dinospec.models.vit import ARCHS, VisionTransformer
     from dinospec.config import load_config
     from dinospec.models.specialize import resolve_spec
+    from dinospec.models.vit import ARCHS, VisionTransformer
 
     size = ARCHS[arch]
-    if config in ("vanilla", "routed", "routed_split"):
+    if config in ("vanilla", "routed", "routed_split", "routed_gather"):
         spec = resolve_spec(load_config([], ["spec=paper"]).spec, size["depth"]) if config != "vanilla" else None
         model = VisionTransformer(img_size=img, patch_size=patch, layerscale=1e-5, drop_path_rate=0.0, spec=spec,
                                   **size)
-        if config == "routed_split":
-            use_split_routing(model)
-        return model, _dict_loss
+        if config in ("routed_split", "routed_gather"):
+            use_routing_variant(model, config.split("_")[1])
+        return model, dict_loss
     if config == "timm":
         from timm.models.vision_transformer import VisionTransformer as TimmViT
 
@@ -69,35 +112,15 @@ def build(config: str, arch: str, patch: int, img: int) -> tuple[nn.Module, Call
 
         model = getattr(dv, arch)(patch_size=patch, img_size=img, init_values=1e-5, block_chunks=0,
                                   drop_path_rate=0.0)
-        return model, _dict_loss
-    raise ValueError(f"unknown config {config!r} (known: {', '.join(CONFIGS)})")
+        return model, dict_loss
+    raise ValueError(f"unknown config {config!r}")
 
 
-def _split_forward(self: nn.Module, x: Tensor, routing) -> Tensor:
-    """Proposed TokenRouted.forward: one split into segment views instead of one slice per segment.
-
-    The backward of a slice allocates a zero tensor of the full input size and copies its segment in, once per
-    segment, and autograd then adds those up; the backward of one split is a single cat of the segment grads.
-    """
-    sizes = [b - a for a, b, _ in routing.segments]
-    parts = [self[g](xs) for xs, (_, _, g) in zip(x.split(sizes, dim=1), routing.segments)]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-
-
-def use_split_routing(model: nn.Module) -> None:
-    import types
-
-    from dinospec.models.routed import TokenRouted
-
-    for m in model.modules():
-        if isinstance(m, TokenRouted):
-            m.forward = types.MethodType(_split_forward, m)
-
-
-def _dict_loss(model: nn.Module, x: Tensor) -> Tensor:
+def dict_loss(model: nn.Module, x: Tensor) -> Tensor:
+    """Mean over the normalised [CLS] and patch tokens of a DINOv2-style output dict."""
     out = model.forward_features(x)
-    n = out["x_norm_patchtokens"].shape[1] + 1
-    return (out["x_norm_clstoken"].sum(1) + out["x_norm_patchtokens"].sum((1, 2))).mean() / (n * out["x_norm_clstoken"].shape[1])
+    cls, patches = out["x_norm_clstoken"], out["x_norm_patchtokens"]  # (B, D), (B, N, D)
+    return (cls.sum() + patches.sum()) / (cls.numel() + patches.numel())
 
 
 def step(model: nn.Module, loss_fn: Callable, x: Tensor) -> None:
@@ -105,46 +128,51 @@ def step(model: nn.Module, loss_fn: Callable, x: Tensor) -> None:
     loss_fn(model, x).backward()
 
 
+def rotations(configs: list[str], rep: int) -> list[str]:
+    k = rep % len(configs)
+    return configs[k:] + configs[:k]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # memory: one fresh process per measurement
 
 
-def _rss_mib(field: str) -> float:
+def _proc_status_mib(field: str) -> float:
     status = Path("/proc/self/status").read_text()
     return int(re.search(rf"{field}:\s+(\d+) kB", status).group(1)) / 1024
 
 
-def child_memory(config: str, arch: str, batch: int, patch: int, img: int, threads: int) -> None:
+def child_memory(config: str, arch: str, batch: int, patch: int, img: int) -> None:
     import ctypes
     import gc
 
-    torch.set_num_threads(threads)
     torch.manual_seed(0)
     model, loss_fn = build(config, arch, patch, img)
     model.train()
     x = torch.randn(batch, 3, img, img)
     gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back, so RSS growth is real new memory
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back, so RSS growth is new memory
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
-    before = _rss_mib("VmRSS")
+    before = _proc_status_mib("VmRSS")
     step(model, loss_fn, x)  # the first step: its gradients are allocated inside it, as in training
-    peak = _rss_mib("VmHWM")
-    params = sum(p.numel() for p in model.parameters())
-    print(json.dumps({"before_mib": before, "peak_mib": peak, "step_mib": peak - before, "params": params}))
+    peak = _proc_status_mib("VmHWM")
+    print(json.dumps({"before_mib": before, "peak_mib": peak, "step_mib": peak - before}))
 
 
 def measure_memory(configs: list[str], arch: str, args: argparse.Namespace) -> dict[str, list[float]]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    if args.mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
     results: dict[str, list[float]] = {c: [] for c in configs}
     for rep in range(args.mem_reps):
-        for config in configs[rep % len(configs):] + configs[: rep % len(configs)]:
+        for config in rotations(configs, rep):
             cmd = [sys.executable, __file__, "--child-memory", config, "--archs", arch, "--batch", str(args.batch),
                    "--patch", str(args.patch), "--img", str(args.img), "--threads", str(args.threads)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
-                                  env={"OMP_NUM_THREADS": str(args.threads), "PATH": "/usr/bin:/bin"})
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
             if proc.returncode:
                 raise RuntimeError(f"memory child for {config} failed:\n{proc.stderr[-2000:]}")
             results[config].append(json.loads(proc.stdout.strip().splitlines()[-1])["step_mib"])
-            print(f"  mem {arch:<10} {config:<8} rep {rep}: {results[config][-1]:8.1f} MiB", flush=True)
+            print(f"  mem  {arch:<10} {config:<14} rep {rep}: {results[config][-1]:8.1f} MiB", flush=True)
     return results
 
 
@@ -157,66 +185,70 @@ def measure_time(configs: list[str], arch: str, args: argparse.Namespace) -> tup
     torch.manual_seed(0)
     models = {c: build(c, arch, args.patch, args.img) for c in configs}
     x = torch.randn(args.batch, 3, args.img, args.img)
-    for config, (model, loss_fn) in models.items():
+    for model, loss_fn in models.values():
         model.train()
         step(model, loss_fn, x)  # warm-up
-    times: dict[str, list[float]] = {c: [] for c in configs}
-    cpu_times: dict[str, list[float]] = {c: [] for c in configs}
+    wall: dict[str, list[float]] = {c: [] for c in configs}
+    cpu: dict[str, list[float]] = {c: [] for c in configs}
     for rep in range(args.reps):
-        for config in configs[rep % len(configs):] + configs[: rep % len(configs)]:
+        for config in rotations(configs, rep):
             model, loss_fn = models[config]
             t0, c0 = time.perf_counter(), time.process_time()
             step(model, loss_fn, x)
-            times[config].append(time.perf_counter() - t0)
-            cpu_times[config].append(time.process_time() - c0)
-            print(f"  time {arch:<10} {config:<12} rep {rep}: {times[config][-1]:7.3f} s "
-                  f"(cpu {cpu_times[config][-1]:7.3f} s)", flush=True)
-    return times, cpu_times
+            wall[config].append(time.perf_counter() - t0)
+            cpu[config].append(time.process_time() - c0)
+            print(f"  time {arch:<10} {config:<14} rep {rep}: {wall[config][-1]:7.3f} s "
+                  f"(cpu {cpu[config][-1]:7.3f} s)", flush=True)
+    return wall, cpu
 
 
-def report(arch: str, times: dict[str, list[float]], mem: dict[str, list[float]], args: argparse.Namespace) -> list[str]:
-    lines = [f"### {arch}/{args.patch}, batch {args.batch} x {args.img}², fwd+bwd fp32, {args.threads} threads",
-             "", "| config | time (s, median) | time min-max | step memory (MiB, median) | memory min-max |",
-             "|---|---|---|---|---|"]
-    for c in times:
-        t, m = times[c], mem.get(c, [])
-        mm = f"{statistics.median(m):.0f} | {min(m):.0f}-{max(m):.0f}" if m else "- | -"
-        lines.append(f"| {c} | {statistics.median(t):.3f} | {min(t):.3f}-{max(t):.3f} | {mm} |")
-    lines += ["", "| ratio | time | memory | target |", "|---|---|---|---|"]
+def report(arch: str, wall: dict, cpu: dict, mem: dict, args: argparse.Namespace) -> list[str]:
+    med = statistics.median
+    mem_note = f", MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}" if args.mmap_threshold else ""
+    lines = [f"{arch}/{args.patch}, batch {args.batch} x {args.img}px, fwd+bwd fp32, {args.threads} threads, "
+             f"{args.reps} timed steps, {args.mem_reps} memory runs{mem_note}",
+             f"{'config':<14} {'wall med':>9} {'wall min':>9} {'cpu med':>9} {'cpu min':>9} {'step MiB':>9}"]
+    for c in wall:
+        m = f"{med(mem[c]):9.0f}" if mem.get(c) else f"{'-':>9}"
+        lines.append(f"{c:<14} {med(wall[c]):9.3f} {min(wall[c]):9.3f} {med(cpu[c]):9.3f} {min(cpu[c]):9.3f} {m}")
+    lines.append(f"{'ratio':<24} {'wall med':>9} {'wall min':>9} {'cpu med':>9} {'cpu min':>9} {'memory':>9}  target")
     for num, den, target in RATIOS:
-        if num in times and den in times:
-            rt = statistics.median(times[num]) / statistics.median(times[den])
-            rm = (statistics.median(mem[num]) / statistics.median(mem[den])) if mem.get(num) and mem.get(den) else None
-            ok = "met" if rt <= target and (rm is None or rm <= target) else "MISSED"
-            rm_text = f"{rm:.3f}" if rm is not None else "-"
-            lines.append(f"| {num}/{den} | {rt:.3f} | {rm_text} | ≤ {target} ({ok}) |")
+        if num not in wall or den not in wall:
+            continue
+        r = [med(wall[num]) / med(wall[den]), min(wall[num]) / min(wall[den]),
+             med(cpu[num]) / med(cpu[den]), min(cpu[num]) / min(cpu[den])]
+        rm = med(mem[num]) / med(mem[den]) if mem.get(num) and mem.get(den) else None
+        rm_text = f"{rm:9.3f}" if rm is not None else f"{'-':>9}"
+        lines.append(f"{num + '/' + den:<24} " + " ".join(f"{v:9.3f}" for v in r) + f" {rm_text}  <= {target}")
     return lines
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--archs", default="vit_small,vit_base")
-    p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--configs", default=",".join(CONFIGS),
+                   help="comma list of vanilla, routed, routed_split, routed_gather, timm, dinov2")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--img", type=int, default=224)
     p.add_argument("--patch", type=int, default=14)
-    p.add_argument("--reps", type=int, default=5, help="timed steps per config (after one warm-up)")
+    p.add_argument("--reps", type=int, default=5, help="timed steps per config (after one warm-up); 0 = no timing")
     p.add_argument("--mem-reps", type=int, default=2, help="fresh subprocesses per config for peak memory")
+    p.add_argument("--mmap-threshold", type=int, default=0, help="MALLOC_MMAP_THRESHOLD_ for the memory runs")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--child-memory", metavar="CONFIG", help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.child_memory:
-        child_memory(args.child_memory, args.archs, args.batch, args.patch, args.img, args.threads)
+        child_memory(args.child_memory, args.archs, args.batch, args.patch, args.img)
         return 0
     configs = args.configs.split(",")
     out = []
     for arch in args.archs.split(","):
-        print(f"{arch}: timing {configs}", flush=True)
-        times, cpu_times = measure_time(configs, arch, args)
+        print(f"{arch}: {configs}", flush=True)
+        wall, cpu = measure_time(configs, arch, args) if args.reps else ({c: [float("nan")] for c in configs},) * 2
         mem = measure_memory(configs, arch, args) if args.mem_reps else {}
-        out += report(arch, times, mem, args) + [""]
-    print("\n".join(out))
+        out += report(arch, wall, cpu, mem, args) + [""]
+    print("\n" + "\n".join(out))
     return 0
 
 

@@ -114,7 +114,10 @@ class SSLLoader:
         self._position = sampler.position
         self._loader = DataLoader(samples, batch_sampler=sampler, num_workers=num_workers,
                                   collate_fn=collate_multicrop, pin_memory=pin_memory,
-                                  persistent_workers=num_workers > 0, worker_init_fn=_ignore_stop_signals)
+                                  persistent_workers=num_workers > 0, worker_init_fn=_ignore_stop_signals,
+                                  # a private generator: the loader's base seed must not draw from the training
+                                  # RNG stream (drop-path), or a resumed run would diverge from an uninterrupted one
+                                  generator=torch.Generator().manual_seed(samples.seed))
 
     @property
     def position(self) -> int:
