@@ -116,3 +116,21 @@ def test_wandb_offline_logs_without_network(tmp_path: Path) -> None:
     offline_runs = list(run.glob("wandb/offline-run-*"))
     assert len(offline_runs) == 1, list(run.rglob("*"))[:20]
     assert any(p.suffix == ".wandb" for p in offline_runs[0].iterdir())
+
+
+@pytest.mark.slow
+def test_fsdp2_on_two_cpu_ranks_matches_ddp(tmp_path: Path) -> None:
+    """FSDP2 (the multi-GPU default) on gloo: same losses and gradient norms as DDP before updates diverge."""
+    runs = {}
+    for strategy in ("ddp", "fsdp"):
+        runs[strategy] = tmp_path / strategy
+        run_torchrun(2, ["train", *tiny_overrides(runs[strategy], photos_dir(), **{
+            "train.max_steps": 2, "checkpoint.period_steps": 2, "compute.strategy": strategy,
+            "train.batch_size_per_gpu": 4, "dino.koleo_scope": "global"})])
+    ra, rb = (_records(runs[s]) for s in ("ddp", "fsdp"))
+    for key in ("loss", "dino_loss", "ibot_loss", "koleo_loss", "grad_norm"):
+        assert [r[key] for r in ra] == pytest.approx([r[key] for r in rb], rel=2e-5), key
+    a, b = _final(runs["ddp"], 2), _final(runs["fsdp"], 2)
+    assert a.keys() == b.keys()
+    off = sum(int(((a[k] - b[k]).abs() > 1e-6 + 1e-5 * a[k].abs()).sum()) for k in a if a[k].is_floating_point())
+    assert off / sum(v.numel() for v in a.values()) < 1e-3

@@ -36,8 +36,10 @@ class Student(nn.Module):
         self.dino_head = heads["dino_head"]
         self.ibot_head = heads.get("ibot_head")
 
-    def forward(self, global_crops: Tensor, local_crops: Tensor | None, masks: Tensor) -> dict[str, Tensor]:
-        g = self.backbone.forward_features(global_crops, masks)
+    def forward(self, global_crops: Tensor, local_crops: Tensor | None, masks: Tensor,
+                mask_inputs: bool = True) -> dict[str, Tensor]:
+        """mask_inputs=False (the teacher): the crops go in unmasked; logits are still taken at the masked tokens."""
+        g = self.backbone.forward_features(global_crops, masks if mask_inputs else None)
         cls_g = g["x_norm_clstoken"]  # (2B, D)
         patches = g["x_norm_patchtokens"].flatten(0, 1)  # (2B*N, D)
         masked = patches[masks.flatten()]  # (M, D) student tokens at masked positions
@@ -81,14 +83,9 @@ class SSLMetaArch(nn.Module):
     @torch.no_grad()
     def teacher_targets(self, global_crops: Tensor, masks: Tensor, temp: float) -> tuple[Tensor, Tensor]:
         """Teacher probabilities for the DINO ([CLS]) and iBOT (masked patches) losses."""
-        g = self.teacher.backbone.forward_features(global_crops)
-        cls = g["x_norm_clstoken"]
-        masked = g["x_norm_patchtokens"].flatten(0, 1)[masks.flatten()]
-        if self.teacher.ibot_head is None:
-            logits = self.teacher.dino_head(torch.cat([cls, masked]))
-            cls_logits, patch_logits = logits[: cls.shape[0]], logits[cls.shape[0] :]
-        else:
-            cls_logits, patch_logits = self.teacher.dino_head(cls), self.teacher.ibot_head(masked)
+        # through the module's own forward, so FSDP2 gathers the teacher's parameters as it does the student's
+        out = self.teacher(global_crops, None, masks, mask_inputs=False)
+        cls_logits, patch_logits = out["dino_global"], out["ibot"]
         if self.cfg.teacher.centering == "sinkhorn_knopp":
             n_iter = self.cfg.teacher.sinkhorn_iterations
             return (self.dino_loss.sinkhorn_knopp_teacher(cls_logits, temp, n_iter),
@@ -119,6 +116,9 @@ class SSLMetaArch(nn.Module):
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
         """teacher <- momentum * teacher + (1 - momentum) * student, on local shards when sharded."""
+        for part in (self.teacher, self.student):  # FSDP2 keeps a root unsharded after forward: shard it back
+            if hasattr(part, "reshard"):
+                part.reshard()
         t = [p for p in self.teacher.parameters()]
         s = [p.detach() for p in self.student.parameters()]
         torch._foreach_lerp_(t, s, 1.0 - momentum)
