@@ -102,7 +102,8 @@ def means(rows: list[dict[str, Any]]) -> list[str]:
         groups.setdefault((r["spec"], r["init"]), []).append(r)
     if all(len(g) < 2 for g in groups.values()):
         return []
-    lines = ["", "| spec | init | seeds | k-NN k=20 mean (min-max) | seg mIoU mean (min-max) |", "| --- | --- | ---: | --- | --- |"]
+    lines = ["", "| spec | init | seeds | k-NN k=20 mean (min-max) | seg mIoU mean (min-max) |",
+             "| --- | --- | ---: | --- | --- |"]
     for (spec, init), g in groups.items():
         knn, seg = [r["knn_top1"]["20"] for r in g], [r["seg_miou"] for r in g]
         lines.append(f"| {spec} | {init} | {len(g)} | {statistics.mean(knn):.1f} ({min(knn):.1f}-{max(knn):.1f}) | "
@@ -117,8 +118,8 @@ def main() -> int:
     p.add_argument("--specs", default="none,paper", help="spec presets to compare (%(default)s)")
     p.add_argument("--steps", type=int, default=200, help="training steps per run (%(default)s)")
     p.add_argument("--seeds", default="0,1", help="comma list of seeds (%(default)s)")
-    p.add_argument("--data", default="data/demo", help="pretraining images (%(default)s; more: "
-                                                       "../shared/data/tuxstamps/train)")
+    p.add_argument("--data", default=str(REPO / "data" / "demo"),
+                   help="pretraining images (%(default)s; more: ../shared/data/tuxstamps/train)")
     p.add_argument("--knn-data", type=Path, default=EVAL / "fashion_mnist", help="ImageFolder with train/ and val/")
     p.add_argument("--seg-data", type=Path, default=EVAL / "tuxstamps_seg", help="segmentation train/ and val/")
     p.add_argument("--eval-img-size", type=int, help="evaluation image size (default: the training crop size)")
@@ -129,7 +130,10 @@ def main() -> int:
     p.add_argument("--force", action="store_true", help="replace run directories already in --out")
     p.add_argument("override", nargs="*", metavar="key=value", help="more training overrides for every run")
     args = p.parse_args()
-    args.config = args.config or [str(REPO / "configs" / "demo.yaml")]
+    args.config = [str(Path(c).resolve()) for c in args.config or [REPO / "configs" / "demo.yaml"]]
+    args.data, args.out = str(Path(args.data).resolve()), args.out.resolve()  # the trainings run in REPO
+    if not Path(args.data).exists():
+        p.error(f"--data {args.data} does not exist (data/demo: run scripts/prepare_demo_data.py first)")
     torch.set_num_threads(args.threads)
 
     from dinospec.config import load_config

@@ -13,16 +13,20 @@ Configs are SPEC:LAYOUT; LAYOUT is how the student's crops of two sizes share th
             boolean attention mask (DINOv2 does this with xformers' BlockDiagonalMask; here SDPA's dense mask)
 Padded and packed rows hold tokens type-major ([cls slots | register slots | patch slots]) so one Routing fits
 every row; attention is permutation-equivariant under the mask, so both compute what `separate` does, drop path
-per crop included. --check verifies it (loss and gradients vs `separate`, drop path off).
+per crop included. The check (on by default) verifies it at the step-0 weights with drop path off: student outputs,
+loss terms and student gradients vs `separate`.
 
-    .venv/bin/python scripts/bench_train_step.py --batch 2 --reps 5 --mem-reps 2
+    .venv/bin/python scripts/bench_train_step.py --batch 2 --reps 7 --mem-reps 2 --threads 1
 
 Time: every config is built in this process (configs of one spec share a model) and stepped in rotating order
 (A B C D, B C D A, ...) after one warm-up step each, so machine noise hits all alike; medians of wall and process
-CPU time per step. Memory: one fresh subprocess per (config, repetition) runs a warm-up step (gradients and AdamW
-state exist from then on), frees heap to the OS (malloc_trim), resets the peak-RSS mark (/proc/self/clear_refs)
-and runs one step: `peak` is the process's peak RSS during that steady-state step (model, teacher, optimizer state
-and activations), `step` is that peak above the RSS just before it (activations, gradients, temporaries).
+CPU time per step, and "paired" ratios (median over rotations of the ratio within one rotation). On a machine
+shared with other jobs use --threads 1: with 2 OpenMP threads on 2 busy cores, threads spin waiting for each other
+and both wall and CPU time swell 2-4x, irregularly; one thread's CPU time is the step's compute.
+Memory: one fresh subprocess per (config, repetition) runs a warm-up step (gradients and AdamW state exist from then
+on), frees heap to the OS (malloc_trim), resets the peak-RSS mark (/proc/self/clear_refs) and runs one step:
+`peak` is the process's peak RSS during that steady-state step (model, teacher, optimizer state and activations),
+`step` is that peak above the RSS just before it (activations, gradients, temporaries).
 """
 
 from __future__ import annotations
@@ -290,13 +294,13 @@ def check_layouts(bench: Bench, batch: dict[str, Any]) -> list[str]:
         loss_diff = max(abs(losses[k] - ref_losses[k]) for k in ref_losses)
         if grads.keys() != ref_grads.keys():
             raise AssertionError(f"{layout}: other parameters got gradients than with separate passes")
-        # all student gradients as one vector: |g - g_ref| / |g_ref| (per tensor, float32 summation order makes
-        # tensors with ~1e-7 gradients differ relatively more; their absolute error is as small as the others')
+        # all student gradients as one vector: |g - g_ref| / |g_ref|. Per tensor, float32 summation order makes
+        # tensors with ~1e-7 gradients differ relatively more. KoLeo's gradient goes as 1 / (nearest distance), and
+        # near-identical [CLS] features (random pixels, a tiny batch) amplify float32 noise: hence 1e-4, not 1e-5.
         err = sum(float((grads[n] - g).double().pow(2).sum()) for n, g in ref_grads.items()) ** 0.5
         norm = sum(float(g.double().pow(2).sum()) for g in ref_grads.values()) ** 0.5
         worst = max(float((grads[n] - g).abs().max()) for n, g in ref_grads.items())
-        ok = loss_diff <= 1e-5 and err <= 1e-5 * norm
-        ok = ok and out_diff[layout] <= 1e-4
+        ok = loss_diff <= 1e-5 and err <= 1e-4 * norm and out_diff[layout] <= 1e-4
         lines.append(f"check {layout} vs separate: max |output diff| {out_diff[layout]:.1e} (cls, logits); max |loss "
                      f"diff| {loss_diff:.1e} ({', '.join(sorted(ref_losses))}); gradients: |diff| / |grad| "
                      f"{err / norm:.1e}, max |diff| {worst:.1e}  {'OK' if ok else 'MISMATCH'}")
@@ -351,8 +355,8 @@ def measure_memory(configs: list[str], args: argparse.Namespace) -> dict[str, li
     return results
 
 
-def describe(benches: dict[str, Bench], batch: dict[str, Any], configs: list[str], check: bool) -> list[str]:
-    """Sizes, the layouts' token counts (after a step built their plans) and the equivalence checks."""
+def describe(benches: dict[str, Bench], batch: dict[str, Any]) -> list[str]:
+    """Sizes, and the token slots of the one-pass layouts (their plans exist once they have run)."""
     notes = [f"masked global-crop patches in the batch: {int(batch['masks'].sum())} of {batch['masks'].numel()}"]
     for spec, bench in benches.items():
         notes.append(f"{spec}: student {sum(p.numel() for p in bench.meta.student.parameters()):,} params "
@@ -362,18 +366,21 @@ def describe(benches: dict[str, Bench], batch: dict[str, Any], configs: list[str
                 real = int((plan.seq_index < plan.cls_slot.numel()).sum())
                 notes.append(f"{spec}:{layout}: {plan.rows} rows x {plan.length} = {plan.rows * plan.length} token "
                              f"slots for the {real} tokens of separate passes")
-        if check and any(c.startswith(f"{spec}:") and not c.endswith(":separate") for c in configs):
-            notes += [f"{spec}: {line}" for line in check_layouts(bench, batch)]
     return notes
 
 
 def measure_time(configs: list[str], args: argparse.Namespace) -> tuple[dict, dict, list[str]]:
     benches = {spec: Bench(run_config(args, spec)) for spec in dict.fromkeys(c.split(":")[0] for c in configs)}
     batch = synthetic_batch(next(iter(benches.values())).cfg)
+    checks = []
+    if args.check:  # at the trainer's step-0 weights, before any step
+        for spec, bench in benches.items():
+            if any(c.startswith(f"{spec}:") and not c.endswith(":separate") for c in configs):
+                checks += [f"{spec}: {line}" for line in check_layouts(bench, batch)]
     for config in configs:  # warm-up
         spec, layout = config.split(":")
         benches[spec].step(batch, layout)
-    notes = describe(benches, batch, configs, args.check)
+    notes = describe(benches, batch) + checks
     print("\n".join(notes), flush=True)
     wall: dict[str, list[float]] = {c: [] for c in configs}
     cpu: dict[str, list[float]] = {c: [] for c in configs}
@@ -399,21 +406,20 @@ def report(wall: dict, cpu: dict, mem: dict, args: argparse.Namespace) -> list[s
              "| config | wall s (median) | wall s (min) | CPU s (median) | peak RSS MiB | step MiB |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for c in wall:
-        peak, step = mem_of.get(c, (float("nan"),) * 2)
-        lines.append(f"| {c} | {med(wall[c]):.3f} | {min(wall[c]):.3f} | {med(cpu[c]):.3f} | {peak:.0f} "
-                     f"| {step:.0f} |")
-    lines += ["", "paired: the median over repetitions of the ratio of the two steps of one rotation (run minutes apart "
-              "at most, so they share the machine's load)",
+        peak, step = (f"{v:.0f}" for v in mem_of[c]) if c in mem_of else ("-", "-")
+        lines.append(f"| {c} | {med(wall[c]):.3f} | {min(wall[c]):.3f} | {med(cpu[c]):.3f} | {peak} | {step} |")
+    lines += ["", "paired: the median over repetitions of the ratio of the two steps of one rotation (run minutes "
+              "apart at most, so they share the machine's load)",
               "| ratio | wall (median) | wall (paired) | CPU (median) | CPU (paired) | peak RSS | step MiB | target |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for num, den, target in RATIOS:
         if num in wall and den in wall:
-            mem_ratio = [mem_of[num][i] / mem_of[den][i] if num in mem_of and den in mem_of else float("nan")
+            mem_ratio = [f"{mem_of[num][i] / mem_of[den][i]:.3f}" if num in mem_of and den in mem_of else "-"
                          for i in (0, 1)]
             paired = [med(a / b for a, b in zip(t[num], t[den])) for t in (wall, cpu)]
             lines.append(f"| {num} / {den} | {med(wall[num]) / med(wall[den]):.3f} | {paired[0]:.3f} | "
-                         f"{med(cpu[num]) / med(cpu[den]):.3f} | {paired[1]:.3f} | {mem_ratio[0]:.3f} | "
-                         f"{mem_ratio[1]:.3f} | {target} |")
+                         f"{med(cpu[num]) / med(cpu[den]):.3f} | {paired[1]:.3f} | {mem_ratio[0]} | {mem_ratio[1]} | "
+                         f"{target} |")
     return lines
 
 
