@@ -10,9 +10,12 @@ and share one uninterrupted reference run.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
 import re
+import signal
 import subprocess
 import time
 from contextlib import redirect_stdout
@@ -255,20 +258,69 @@ def test_usr2_requeues_and_resumes_exactly(config_file, reference, tmp_path):
     _assert_same_weights(run_dir, reference)
 
 
+def _task_pids(job_id: str) -> list[int]:
+    """The tasks of the job's srun steps on this node (not the batch step: its script and srun)."""
+    rows = [line.split() for line in _sh("scontrol", "listpids", job_id).splitlines()[1:]]
+    return [int(r[0]) for r in rows if len(r) >= 4 and r[2].isdigit() and r[3].isdigit()]
+
+
+def _proc_status(pid: int) -> dict[str, str]:
+    """/proc/PID/status as a dict; empty once the process is gone."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except (FileNotFoundError, ProcessLookupError):
+        return {}
+    return {key: value.strip() for key, value in (line.split(":", 1) for line in lines)}
+
+
+def _stopped(pid: int) -> bool:
+    return _proc_status(pid).get("State", "T").startswith("T")
+
+
+def _signalled_or_running(pid: int) -> bool:
+    """True once SLURM signalled a stopped task: USR2 or TERM pending, or the task running again (slurmstepd sends
+    SIGCONT with its signals) or gone."""
+    fields = _proc_status(pid)
+    if not fields:
+        return True
+    pending = int(fields["SigPnd"], 16) | int(fields["ShdPnd"], 16)
+    wanted = (1 << (signal.SIGUSR2 - 1)) | (1 << (signal.SIGTERM - 1))
+    return bool(pending & wanted) or not fields["State"].startswith("T")
+
+
+def _hold_until_signalled(job_id: str, deadline: float, run_dir: Path) -> None:
+    """Stop (SIGSTOP) the job's tasks until SLURM signals them (USR2 from --signal, or the time limit's TERM), then
+    let them all go: the run is cut by the limit however fast this machine trains."""
+    pids = _task_pids(job_id)
+    assert len(pids) == 2, f"tasks of job {job_id}: {pids}"
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        _wait_until("the tasks to stop", lambda: all(_stopped(p) for p in pids), time.time() + 30, run_dir, job_id)
+        _wait_until("SLURM's signal at the time limit", lambda: any(_signalled_or_running(p) for p in pids), deadline,
+                    run_dir, job_id)
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
 def test_time_limit_requeues_and_resumes_exactly(config_file, reference, tmp_path):
-    """--time 1: SLURM's USR2 comes 29-59 s into a run (its timer ticks every 30 s), the kill 30 s later. A checkpoint
-    at every step slows training to over a minute so that the first run is cut mid-training; saving must not change
-    the weights either. Once a cut run has been requeued the test lifts the limit, so the rest runs in one go."""
+    """--time 1: SLURM's USR2 comes 29-59 s into a run (its timer ticks every 30 s), the kill 30 s later. The test
+    holds the tasks (SIGSTOP) from a few steps in until that USR2 is pending, so the first run is cut mid-training on
+    any machine; a checkpoint at every step checks that saving does not change the weights either. Once a cut run has
+    been requeued the test lifts the limit, so the rest runs in one go."""
     run_dir = tmp_path / "timelimit"
 
     def lift_limit_after_a_cut(job_id: str) -> None:
         def cut() -> bool:  # a run ended by the limit after it saved
             return "REQUEUED" in _sacct_states(job_id) and (run_dir / "checkpoints" / "latest").exists()
 
-        _wait_until("a requeue at the time limit", cut, time.time() + 240, run_dir, job_id)
+        _hold_until_signalled(job_id, time.time() + 150, run_dir)
+        _wait_until("a requeue at the time limit", cut, time.time() + 120, run_dir, job_id)
         _sh("scontrol", "update", f"JobId={job_id}", "TimeLimit=30")
 
-    done = _interrupted_run(config_file, run_dir, lift_limit_after_a_cut, timeout_s=300,
+    done = _interrupted_run(config_file, run_dir, lift_limit_after_a_cut, timeout_s=360,
                             overrides=("checkpoint.period_steps=1", "checkpoint.keep_last=2"),
                             time_min=1, signal_delay_s=1, max_num_timeout=3)
     _assert_resumed(done, run_dir)
