@@ -3,7 +3,9 @@
 FLOPs are counted with fvcore, which ignores ``aten::scaled_dot_product_attention`` unless told how to count it, and
 which counts multiply-adds: we register a handle for SDPA and report FLOPs = 2 x multiply-adds, the convention of
 ``torch.utils.flop_counter`` (cross-checked in the tests). Routing splits a layer's tokens between copies but never
-adds work, so a specialised model's FLOPs equal the vanilla model's exactly.
+adds work, so a specialised model's FLOPs equal the vanilla model's exactly. The routed fast paths are autograd
+Functions, opaque to fvcore's trace: a routed LayerNorm is counted as fvcore counts ``layer_norm`` (5 per element
+with affine), a routed Linear as its GEMMs (input elements x output features).
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from dinospec.models.routed import TokenRouted
-from dinospec.models.vit import VisionTransformer, build_backbone
+from dinospec.models.routed import SegmentedLinear, TokenRouted
+from dinospec.models.vit import PerTokenAffineLayerNorm, VisionTransformer, build_backbone
 
 KIND_PATTERNS = [  # first match wins; names are the model's parameter names with group indices removed
     ("patch_embed", r"^patch_embed\."),
@@ -44,6 +46,23 @@ def _sdpa_macs(inputs: list, outputs: list) -> int:
     return b * nq * nk * (d + dv)
 
 
+def _size(value: Any) -> int:
+    n = 1
+    for s in value.type().sizes():
+        n *= s
+    return n
+
+
+def _routed_layer_norm_macs(inputs: list, outputs: list) -> int:
+    """fvcore handle for routed LayerNorm: fvcore's own estimate for layer_norm with affine, 5 per element."""
+    return 5 * _size(inputs[0])
+
+
+def _routed_linear_macs(inputs: list, outputs: list) -> int:
+    """fvcore handle for routed Linear: every token through one (C_in x C_out) GEMM."""
+    return _size(inputs[0]) * outputs[0].type().sizes()[-1]
+
+
 def count_flops(model: nn.Module, img_size: int, batch: int = 1) -> int:
     """Forward FLOPs (2 x multiply-adds) of `model` on a batch of img_size x img_size images, counted by fvcore."""
     with warnings.catch_warnings():  # fvcore's import still calls the deprecated torch.jit.script
@@ -54,7 +73,10 @@ def count_flops(model: nn.Module, img_size: int, batch: int = 1) -> int:
     was_training = model.training
     model.eval()
     try:
-        analysis = FlopCountAnalysis(model, x).set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs)
+        analysis = FlopCountAnalysis(model, x).set_op_handle(
+            "aten::scaled_dot_product_attention", _sdpa_macs,
+            f"prim::PythonOp.{PerTokenAffineLayerNorm.__name__}", _routed_layer_norm_macs,
+            f"prim::PythonOp.{SegmentedLinear.__name__}", _routed_linear_macs)
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
         return 2 * int(analysis.total())
     finally:

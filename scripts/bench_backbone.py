@@ -3,7 +3,7 @@
 Compares, at the same size and input, dinospec's routed `paper` preset vs dinospec vanilla (the cost of routing),
 and dinospec vanilla vs timm's VisionTransformer and vs the reference `dinov2` package (PyPI 0.0.1.dev2, installed
 with `pip install --no-deps dinov2==0.0.1.dev2`; without xformers its attention runs as plain matmuls + softmax).
-`routed_split` and `routed_gather` are proposed TokenRouted implementations (see below), measured side by side.
+`routed_slice` is the first TokenRouted implementation (see below), kept to measure what the current one saves.
 
     .venv/bin/python scripts/bench_backbone.py --archs vit_small,vit_base --batch 32 --reps 5
 
@@ -41,42 +41,29 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIGS = ("vanilla", "routed", "timm", "dinov2")
 RATIOS = [  # (numerator, denominator, target ratio)
     ("routed", "vanilla", 1.02),
-    ("routed_split", "vanilla", 1.02),
-    ("routed_gather", "vanilla", 1.02),
+    ("routed_slice", "vanilla", 1.02),
     ("vanilla", "timm", 1.0),
     ("vanilla", "dinov2", 1.0),
 ]
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# proposed TokenRouted forwards (swapped onto the modules of a built model; same parameters, same results)
+# the first TokenRouted forward, kept for comparison (`routed_slice`): one slice per segment for every layer
 
 
-def split_forward(self: nn.Module, x: Tensor, routing) -> Tensor:
-    """One split into segment views instead of one slice per segment.
-
-    The backward of a slice allocates a zero tensor of the full input size and copies its segment in, once per
-    segment, and autograd then adds those up; the backward of one split is a single cat of the segment grads.
-    """
-    sizes = [b - a for a, b, _ in routing.segments]
-    parts = [self[g](xs) for xs, (_, _, g) in zip(x.split(sizes, dim=1), routing.segments)]
+def slice_forward(self: nn.Module, x: Tensor, routing) -> Tensor:
+    """Slice each segment, run its copy, concatenate. The backward of a slice allocates a zero tensor of the full
+    input size per segment, and norms / LayerScale pay a split and a cat that cost as much as they do."""
+    parts = [self[g](x[:, a:b]) for a, b, g in routing.segments]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
-def gathered_scale_forward(self: nn.Module, x: Tensor, routing) -> Tensor:
-    """LayerScale as one multiply by a per-token gamma gathered from the copies: no split, no cat."""
-    gamma = torch.stack([copy.gamma for copy in self])[routing.group_index(x.device)]  # (N, C)
-    return x * gamma
-
-
-def use_routing_variant(model: nn.Module, variant: str) -> None:
+def use_slice_routing(model: nn.Module) -> None:
     from dinospec.models.routed import TokenRouted
-    from dinospec.models.vit import LayerScale
 
     for m in model.modules():
         if isinstance(m, TokenRouted):
-            gather = variant == "gather" and isinstance(m[0], LayerScale)
-            m.forward = types.MethodType(gathered_scale_forward if gather else split_forward, m)
+            m.forward = types.MethodType(slice_forward, m)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -90,12 +77,12 @@ def build(config: str, arch: str, patch: int, img: int) -> tuple[nn.Module, Call
     from dinospec.models.vit import ARCHS, VisionTransformer
 
     size = ARCHS[arch]
-    if config in ("vanilla", "routed", "routed_split", "routed_gather"):
+    if config in ("vanilla", "routed", "routed_slice"):
         spec = resolve_spec(load_config([], ["spec=paper"]).spec, size["depth"]) if config != "vanilla" else None
         model = VisionTransformer(img_size=img, patch_size=patch, layerscale=1e-5, drop_path_rate=0.0, spec=spec,
                                   **size)
-        if config in ("routed_split", "routed_gather"):
-            use_routing_variant(model, config.split("_")[1])
+        if config == "routed_slice":
+            use_slice_routing(model)
         return model, dict_loss
     if config == "timm":
         from timm.models.vision_transformer import VisionTransformer as TimmViT
@@ -227,7 +214,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--archs", default="vit_small,vit_base")
     p.add_argument("--configs", default=",".join(CONFIGS),
-                   help="comma list of vanilla, routed, routed_split, routed_gather, timm, dinov2")
+                   help="comma list of vanilla, routed, routed_slice, timm, dinov2")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--img", type=int, default=224)
     p.add_argument("--patch", type=int, default=14)

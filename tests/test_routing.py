@@ -341,3 +341,79 @@ def test_route_calls_plain_and_routed_layers():
         routed[1].weight.mul_(2)
     out = route(routed, x, routing)
     assert torch.equal(out[:, :1], routed[0](x[:, :1])) and torch.equal(out[:, 1:], routed[1](x[:, 1:]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the fast paths of TokenRouted (per-token affine, segmented Linear) against the plain definition
+
+
+def slice_reference(routed: TokenRouted, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """The definition of routing: each segment through its group's copy, concatenated."""
+    return torch.cat([routed[g](x[:, a:b]) for a, b, g in routing.segments], dim=1)
+
+
+def routed_layer(kind: str, groups: int) -> TokenRouted:
+    from dinospec.models.vit import LayerNorm, LayerScale, Mlp
+
+    make = {"layernorm": lambda: LayerNorm(6, eps=1e-6), "layerscale": lambda: LayerScale(6, 0.5),
+            "linear": lambda: nn.Linear(6, 5), "linear_nobias": lambda: nn.Linear(6, 5, bias=False),
+            "mlp": lambda: Mlp(6, 10)}[kind]
+    layer = TokenRouted(make(), groups).double()
+    perturb_(layer, seed=11)
+    return layer
+
+
+@pytest.mark.parametrize("kind", ["layernorm", "layerscale", "linear", "linear_nobias", "mlp"])
+@pytest.mark.parametrize("grouping", ["cls|reg|patch", "cls+patch|reg"])
+def test_fast_paths_match_the_per_segment_definition(kind, grouping):
+    group_of_type, num_groups = resolve_groups(GROUPINGS[grouping])
+    routing = Routing.build(group_of_type, 2, 5)  # 1 cls, 2 registers, 5 patches
+    layer = routed_layer(kind, num_groups)
+    x = torch.randn(3, 8, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(12), requires_grad=True)
+    weights = torch.randn(3, 8, 5 if "linear" in kind else 6, dtype=torch.float64)
+    params = list(layer.parameters())
+    got = layer(x, routing)
+    want = slice_reference(layer, x, routing)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    grads_got = torch.autograd.grad((got * weights).sum(), [x, *params], allow_unused=True)
+    grads_want = torch.autograd.grad((want * weights).sum(), [x, *params], allow_unused=True)
+    for g, w in zip(grads_got, grads_want):
+        assert (g is None) == (w is None)
+        if g is not None:
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
+
+
+def test_per_token_layernorm_and_segmented_linear_pass_gradcheck():
+    routing = Routing.build((0, 1, 1), 1, 3)
+    for kind in ("layernorm", "linear"):
+        layer = routed_layer(kind, 2)
+        x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda inp, *ps: layer(inp, routing), (x, *layer.parameters()))
+
+
+def saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the distinct storages autograd keeps for backward (parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.forward_features(x)
+    return sum(n for ptr, n in kept.items() if ptr not in params)
+
+
+@pytest.mark.parametrize("preset", ["paper", "qkv_all", "norm_ls"])
+def test_routing_keeps_no_extra_activation_for_backward(preset):
+    """A routed model keeps what the vanilla one keeps, plus one small (N, C) per-token parameter tensor per routed
+    norm / LayerScale (no batch dimension): no split copy of any activation."""
+    spec = preset_spec(preset)
+    x = torch.randn(4, 3, 32, 32)
+    vanilla, routed = tiny_model(None, 2).train(), tiny_model(spec, 2).train()
+    per_token_slots = [n for n in routed_slots(routed) if not n.endswith(("qkv", "proj", "mlp"))]
+    tokens = 1 + 2 + 16
+    allowance = len(per_token_slots) * tokens * TINY["embed_dim"] * 4
+    extra = saved_activation_bytes(routed, x) - saved_activation_bytes(vanilla, x)
+    assert 0 <= extra <= allowance, (extra, allowance)

@@ -5,6 +5,13 @@ belongs to which group; a :class:`TokenRouted` layer holds one copy of its layer
 to the segments of group ``g`` only, so every token passes through exactly one copy and the FLOPs are those of the
 plain layer. Layers that are not specialised stay plain modules; :func:`route` calls either kind, so blocks never
 branch on token types.
+
+Two ways to run a routed layer, same result: a layer that only scales / shifts channels with its parameters
+(LayerNorm's affine, LayerScale) defines ``forward_per_token(x, params)`` and gets each parameter as an ``(N, ...)``
+tensor holding, per token, its group's copy: one pass over the whole sequence, no split and no concatenation of
+activations (those copies cost as much as the cheap layer itself). A Linear runs one GEMM per segment into one
+output and keeps only its input for backward, as nn.Linear does. Any other layer (an MLP) runs once per segment on
+a split view and the outputs are concatenated.
 """
 
 from __future__ import annotations
@@ -14,7 +21,9 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 TOKEN_TYPES = ("cls", "reg", "patch")
 
@@ -28,7 +37,7 @@ class Routing:
     @staticmethod
     def build(group_of_type: Sequence[int], num_reg: int, num_patches: int) -> "Routing":
         """`group_of_type[i]` is the group of TOKEN_TYPES[i]; the layout is [1 cls | num_reg | num_patches]."""
-        lengths = (1, num_reg, num_patches)
+        lengths = (1, int(num_reg), int(num_patches))  # plain ints even from a traced shape (fvcore's jit trace)
         segments: list[list[int]] = []
         start = 0
         for group, length in zip(group_of_type, lengths):
@@ -46,6 +55,46 @@ class Routing:
         return torch.cat([torch.full((b - a,), g, dtype=torch.long, device=device) for a, b, g in self.segments])
 
 
+class SegmentedLinear(torch.autograd.Function):
+    """A Linear with its own (weight, bias) per token segment of x (B, N, C), all written into one output.
+
+    Autograd through split + linear + cat keeps a contiguous copy of each segment's input (a segment of a (B, N, C)
+    tensor cannot be folded into GEMM rows without one): one extra activation per routed Linear. This keeps only x
+    and the weights, as nn.Linear does; the per-segment copies live inside forward and backward. Under autocast the
+    GEMMs run in autocast's dtype (the output's); backward casts like autocast's own casts would.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, segments: tuple[tuple[int, int, int], ...], *params: Tensor | None) -> Tensor:
+        weights, biases = params[0::2], params[1::2]
+        out: Tensor | None = None
+        for (a, b, _), weight, bias in zip(segments, weights, biases):
+            part = F.linear(x[:, a:b], weight, bias)
+            if out is None:
+                out = part.new_empty(*x.shape[:-1], part.shape[-1])
+            out[:, a:b] = part
+        ctx.segments = segments
+        ctx.save_for_backward(x, *weights)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, *weights = ctx.saved_tensors
+        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        grads: list[Tensor | None] = []
+        for i, ((a, b, _), weight) in enumerate(zip(ctx.segments, weights)):
+            g = grad[:, a:b]
+            if grad_x is not None:
+                grad_x[:, a:b] = g.matmul(weight.to(g.dtype))
+            g2d = g.reshape(-1, g.shape[-1])
+            need_weight, need_bias = ctx.needs_input_grad[2 + 2 * i], ctx.needs_input_grad[3 + 2 * i]
+            x2d = x[:, a:b].reshape(-1, x.shape[-1]).to(g.dtype) if need_weight else None
+            grads.append(g2d.t().matmul(x2d).to(weight.dtype) if need_weight else None)
+            grads.append(g2d.sum(0).to(weight.dtype) if need_bias else None)
+        return (grad_x, None, *grads)
+
+
 class TokenRouted(nn.ModuleList):
     """One copy of a layer per token group; copy ``g`` sees only the tokens of group ``g``.
 
@@ -61,9 +110,24 @@ class TokenRouted(nn.ModuleList):
         super().__init__([layer] + [copy.deepcopy(layer) for _ in range(num_groups - 1)])
 
     def forward(self, x: Tensor, routing: Routing) -> Tensor:  # type: ignore[override]
-        # x: (B, N, C) -> (B, N, C'); each segment through its group's copy, then re-joined in sequence order
-        parts = [self[g](x[:, a:b]) for a, b, g in routing.segments]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        # x: (B, N, C) -> (B, N, C')
+        if len(routing.segments) == 1:
+            return self[routing.segments[0][2]](x)
+        if hasattr(self[0], "forward_per_token"):
+            return self[0].forward_per_token(x, self.per_token(routing))
+        if type(self[0]) is nn.Linear:
+            params = [t for _, _, g in routing.segments for t in (self[g].weight, self[g].bias)]
+            return SegmentedLinear.apply(x, routing.segments, *params)
+        # one split (its backward is one cat; a slice per segment would allocate a full-size zero grad per segment)
+        sizes = [b - a for a, b, _ in routing.segments]
+        parts = [self[g](xs) for xs, (_, _, g) in zip(x.split(sizes, dim=1), routing.segments)]
+        return torch.cat(parts, dim=1)
+
+    def per_token(self, routing: Routing) -> dict[str, Tensor]:
+        """Each direct parameter of the layer as an (N, ...) tensor: row n is token n's group's copy. Small (no batch
+        dimension); its backward sums a copy's gradient over that copy's tokens only."""
+        return {name: torch.cat([getattr(self[g], name).expand(b - a, *param.shape) for a, b, g in routing.segments])
+                for name, param in self[0].named_parameters(recurse=False)}
 
 
 def route(layer: nn.Module, x: Tensor, routing: Routing) -> Tensor:

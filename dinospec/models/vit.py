@@ -56,6 +56,46 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, H', W') -> (B, H'W', C)
 
 
+class PerTokenAffineLayerNorm(torch.autograd.Function):
+    """layer_norm(x) * weight + bias with weight and bias given per token, (N, C) against x's (..., N, C).
+
+    Autograd through layer_norm + addcmul would keep the normalised input for the weight gradient: one extra
+    activation per routed norm (+12% saved activations with every norm routed). This saves what the fused
+    nn.LayerNorm saves (input, mean, rstd) and recomputes the normalised input in backward instead.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, eps: float) -> Tensor:
+        normalized, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), None, None, eps)
+        ctx.save_for_backward(x, mean, rstd, weight)
+        ctx.has_bias = bias is not None
+        if bias is None:
+            return normalized * weight
+        return torch.addcmul(bias, normalized, weight)  # bitwise what nn.LayerNorm's fused affine computes
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, mean, rstd, weight = ctx.saved_tensors
+        batch_dims = tuple(range(grad.dim() - weight.dim()))
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.native_layer_norm_backward(grad * weight, x, (x.shape[-1],), mean, rstd, None, None,
+                                                                [True, False, False])[0]
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad * ((x - mean) * rstd)).sum(batch_dims)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(batch_dims)
+        return grad_x, grad_weight, grad_bias, None
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm that can also take its weight and bias per token, for routing without splitting the sequence."""
+
+    def forward_per_token(self, x: Tensor, params: dict[str, Tensor]) -> Tensor:
+        return PerTokenAffineLayerNorm.apply(x, params["weight"], params.get("bias"), self.eps)
+
+
 class LayerScale(nn.Module):
     def __init__(self, dim: int, init_values: float):
         super().__init__()
@@ -63,6 +103,9 @@ class LayerScale(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x * self.gamma
+
+    def forward_per_token(self, x: Tensor, params: dict[str, Tensor]) -> Tensor:
+        return x * params["gamma"]
 
 
 class Mlp(nn.Module):
@@ -128,7 +171,7 @@ class Block(nn.Module):
                  layerscale: float | None, groups: Callable[[str], int], qkv_bias: bool = True,
                  proj_bias: bool = True, ffn_bias: bool = True, attn_backend: str = "sdpa"):
         super().__init__()
-        norm = partial(nn.LayerNorm, dim, eps=1e-6)
+        norm = partial(LayerNorm, dim, eps=1e-6)
         ffn = FFN_LAYERS[ffn_layer]
         self.norm1 = make_slot(norm, groups("norm1"))
         self.attn = Attention(dim, num_heads, groups("qkv"), groups("proj"), qkv_bias, proj_bias, attn_backend)
@@ -175,7 +218,7 @@ class VisionTransformer(nn.Module):
                   partial(self.spec.groups_for, block=i), qkv_bias, proj_bias, ffn_bias, attn_backend)
             for i in range(depth)
         )
-        self.norm = make_slot(partial(nn.LayerNorm, embed_dim, eps=1e-6),
+        self.norm = make_slot(partial(LayerNorm, embed_dim, eps=1e-6),
                               self.spec.num_groups if self.spec.final_norm else 1)
         self.init_weights()
 
