@@ -24,6 +24,7 @@ class MetricsLogger:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
+        drop_records_after(run_dir / "metrics.jsonl", start_step)
         self._file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
         if progress:
             from tqdm import tqdm
@@ -66,6 +67,27 @@ class MetricsLogger:
         self._bar = self._file = self._wandb = None
 
 
+def drop_records_after(path: Path, step: int) -> None:
+    """Before a run (re)starts at `step`: drop the records of later steps, which an interrupted run logged after its
+    last checkpoint and the resumed run will log again, and a line torn by a kill. Rewritten atomically."""
+    if not path.exists():
+        return
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            keep = json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
+
+
 def _short(v: Any) -> Any:
     return f"{v:.4g}" if isinstance(v, float) else v
 
@@ -90,7 +112,7 @@ def _wandb_id(run_dir: Path) -> str:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl -> records; a resumed run may have logged a step twice: the last record of a step wins."""
+    """metrics.jsonl -> records, one per step (should a step appear twice, the last record wins)."""
     by_step: dict[int, dict[str, Any]] = {}
     with open(path, encoding="utf-8") as f:
         for line in f:

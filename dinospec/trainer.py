@@ -38,7 +38,7 @@ from dinospec.checkpoint import Checkpointer
 from dinospec.config import ConfigError, load_config, to_yaml
 from dinospec.data.loader import build_ssl_loader
 from dinospec.metrics import MetricsLogger, plot_losses
-from dinospec.rng import capture_rng, restore_rng
+from dinospec.rng import capture_rng, restore_rng, seed_all
 from dinospec.ssl.meta_arch import SSLMetaArch
 from dinospec.ssl.optim import apply_schedules, build_optimizer
 from dinospec.ssl.schedules import build_schedules
@@ -118,7 +118,7 @@ class Progress(Stateful):
         else:  # another number of ranks: a fresh, deterministic stream per rank (data order does not depend on it)
             log.warning("resuming on %d ranks from a %d-rank checkpoint: RNG streams reseeded",
                         dist.world_size(), int(state_dict["world_size"]))
-            torch.manual_seed(1_000_003 * self.step + dist.rank())
+            seed_all(1_000_003 * self.step + dist.rank())
 
 
 def _gather(t: torch.Tensor) -> torch.Tensor:
@@ -239,7 +239,7 @@ def train(cfg: DictConfig, resume: str = "auto") -> TrainOutcome:
 
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank (the teacher is never broadcast)
     meta = SSLMetaArch(cfg).to(device)
-    torch.manual_seed(cfg.train.seed + 1 + env.rank)  # then one stream per rank (drop-path)
+    seed_all(cfg.train.seed + 1 + env.rank)  # then one stream per rank (drop-path; python and numpy too)
     if cfg.student.pretrained_weights:
         from dinospec.weights import load_pretrained_backbone
 

@@ -92,6 +92,8 @@ def _kill_and_resume(tmp_path: Path, ranks: int) -> tuple[Path, str]:
 def test_sigkill_at_a_random_moment_resumes_bitwise_exact(tmp_path: Path, reference: dict[str, Any]) -> None:
     run, story = _kill_and_resume(tmp_path, ranks=1)
     _assert_exact(reference, run, story)
+    # the killed run's records after its checkpoint were dropped; the resumed run logged those steps once
+    assert [r["step"] for r in _records(run)] == list(range(1, TOTAL_STEPS + 1)), story
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")], "leftovers not cleaned"
 
 
@@ -218,3 +220,17 @@ def test_two_rank_checkpoint_resumes_on_one_rank(tmp_path: Path, two_rank_run: P
     assert all(math.isfinite(r["loss"]) for r in records)
     assert int(checkpoint_state(run / "checkpoints" / f"step_{TOTAL_STEPS}")["train.world_size"]) == 1
 
+
+
+def test_metrics_of_steps_after_the_checkpoint_are_dropped_on_restart(tmp_path: Path) -> None:
+    from dinospec.metrics import MetricsLogger
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6)) + '{"step": 6, "lo')
+    logger = MetricsLogger(tmp_path, enabled=True, total_steps=8, start_step=3, progress=False)
+    logger.log(4, {"loss": 0.5})
+    logger.close()
+    assert [r["step"] for r in _records(tmp_path)] == [1, 2, 3, 4]
+    assert _records(tmp_path)[-1]["loss"] == 0.5
+    MetricsLogger(tmp_path, enabled=True, total_steps=8, start_step=4, progress=False).close()  # nothing to drop
+    assert [r["step"] for r in _records(tmp_path)] == [1, 2, 3, 4]
