@@ -40,6 +40,10 @@ class StudentConfig:
     num_register_tokens: int = 0
     drop_path_rate: float = 0.1
     """Stochastic depth of the student (the teacher never drops)."""
+    drop_path_mode: str = "auto"
+    """row: the branch runs for every sample, dropped rows are zeroed | subset: the branch runs only for a random
+    floor(B(1-rate)) samples, scaled by B/kept (DINOv2's trick: saves ~rate of the block's compute) | auto: subset
+    when drop_path_rate > 0.1, as DINOv2."""
     layerscale: Optional[float] = 1.0e-5
     """LayerScale init value; null disables LayerScale."""
     qkv_bias: bool = True
@@ -314,6 +318,7 @@ def load_config(config_files: Sequence[str | Path] = (), overrides: Sequence[str
 _CHOICES = {
     "student.ffn_layer": (None, "mlp", "swiglu"),
     "student.attn_backend": ("sdpa", "xformers"),
+    "student.drop_path_mode": ("auto", "row", "subset"),
     "dino.koleo_scope": ("rank", "global"),
     "teacher.centering": ("sinkhorn_knopp", "centering"),
     "optim.scaling_rule": ("sqrt_wrt_1024", "linear_wrt_256", "none"),

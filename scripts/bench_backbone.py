@@ -16,7 +16,9 @@ builds its model and input, returns freed heap to the OS (malloc_trim), resets t
 for backward, gradients, temporaries, and what the allocator holds on to (heap fragmentation). --mmap-threshold N
 runs the children with MALLOC_MMAP_THRESHOLD_=N, so that glibc serves every large block by mmap and RSS follows the
 live tensors. The median over --mem-reps subprocesses is reported.
-All configs use torch.set_num_threads(--threads), drop path 0 (the three code bases drop paths differently),
+All configs use torch.set_num_threads(--threads), drop path --drop-path (default 0; with a rate above 0.1 dinospec
+and dinov2 run each residual branch on a random batch subset only, timm and `vanilla_row` on every row, zeroing
+the dropped ones),
 LayerScale 1e-5, patch --patch, no registers, and the loss = mean of the normalised [CLS] + patch tokens.
 """
 
@@ -42,6 +44,7 @@ CONFIGS = ("vanilla", "routed", "timm", "dinov2")
 RATIOS = [  # (numerator, denominator, target ratio)
     ("routed", "vanilla", 1.02),
     ("routed_slice", "vanilla", 1.02),
+    ("vanilla", "vanilla_row", 1.0),
     ("vanilla", "timm", 1.0),
     ("vanilla", "dinov2", 1.0),
 ]
@@ -70,17 +73,20 @@ def use_slice_routing(model: nn.Module) -> None:
 # the models
 
 
-def build(config: str, arch: str, patch: int, img: int) -> tuple[nn.Module, Callable[[nn.Module, Tensor], Tensor]]:
+def build(config: str, arch: str, patch: int, img: int, drop_path: float = 0.0
+          ) -> tuple[nn.Module, Callable[[nn.Module, Tensor], Tensor]]:
     """A model and its loss function; every model computes the same architecture."""
     from dinospec.config import load_config
     from dinospec.models.specialize import resolve_spec
     from dinospec.models.vit import ARCHS, VisionTransformer
 
     size = ARCHS[arch]
-    if config in ("vanilla", "routed", "routed_slice"):
-        spec = resolve_spec(load_config([], ["spec=paper"]).spec, size["depth"]) if config != "vanilla" else None
-        model = VisionTransformer(img_size=img, patch_size=patch, layerscale=1e-5, drop_path_rate=0.0, spec=spec,
-                                  **size)
+    if config in ("vanilla", "vanilla_row", "routed", "routed_slice"):
+        spec = resolve_spec(load_config([], ["spec=paper"]).spec, size["depth"]) if config.startswith("routed") \
+            else None
+        mode = "row" if config == "vanilla_row" else "auto"  # auto: DINOv2's batch subset above rate 0.1
+        model = VisionTransformer(img_size=img, patch_size=patch, layerscale=1e-5, drop_path_rate=drop_path,
+                                  drop_path_mode=mode, spec=spec, **size)
         if config == "routed_slice":
             use_slice_routing(model)
         return model, dict_loss
@@ -89,7 +95,7 @@ def build(config: str, arch: str, patch: int, img: int) -> tuple[nn.Module, Call
 
         model = TimmViT(img_size=img, patch_size=patch, embed_dim=size["embed_dim"], depth=size["depth"],
                         num_heads=size["num_heads"], mlp_ratio=4.0, qkv_bias=True, init_values=1e-5,
-                        class_token=True, num_classes=0, global_pool="token", drop_path_rate=0.0)
+                        class_token=True, num_classes=0, global_pool="token", drop_path_rate=drop_path)
         return model, lambda m, x: m.forward_features(x).mean()  # (B, 1 + N, D) normalised tokens
     if config == "dinov2":
         import logging
@@ -98,7 +104,7 @@ def build(config: str, arch: str, patch: int, img: int) -> tuple[nn.Module, Call
         from dinov2.models import vision_transformer as dv
 
         model = getattr(dv, arch)(patch_size=patch, img_size=img, init_values=1e-5, block_chunks=0,
-                                  drop_path_rate=0.0)
+                                  drop_path_rate=drop_path)
         return model, dict_loss
     raise ValueError(f"unknown config {config!r}")
 
@@ -129,12 +135,12 @@ def _proc_status_mib(field: str) -> float:
     return int(re.search(rf"{field}:\s+(\d+) kB", status).group(1)) / 1024
 
 
-def child_memory(config: str, arch: str, batch: int, patch: int, img: int) -> None:
+def child_memory(config: str, arch: str, batch: int, patch: int, img: int, drop_path: float) -> None:
     import ctypes
     import gc
 
     torch.manual_seed(0)
-    model, loss_fn = build(config, arch, patch, img)
+    model, loss_fn = build(config, arch, patch, img, drop_path)
     model.train()
     x = torch.randn(batch, 3, img, img)
     gc.collect()
@@ -154,7 +160,8 @@ def measure_memory(configs: list[str], arch: str, args: argparse.Namespace) -> d
     for rep in range(args.mem_reps):
         for config in rotations(configs, rep):
             cmd = [sys.executable, __file__, "--child-memory", config, "--archs", arch, "--batch", str(args.batch),
-                   "--patch", str(args.patch), "--img", str(args.img), "--threads", str(args.threads)]
+                   "--patch", str(args.patch), "--img", str(args.img), "--threads", str(args.threads),
+                   "--drop-path", str(args.drop_path)]
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
             if proc.returncode:
                 raise RuntimeError(f"memory child for {config} failed:\n{proc.stderr[-2000:]}")
@@ -170,7 +177,7 @@ def measure_memory(configs: list[str], arch: str, args: argparse.Namespace) -> d
 def measure_time(configs: list[str], arch: str, args: argparse.Namespace) -> tuple[dict, dict]:
     """Wall-clock and process CPU seconds of each step (CPU time is less hurt by other processes on the machine)."""
     torch.manual_seed(0)
-    models = {c: build(c, arch, args.patch, args.img) for c in configs}
+    models = {c: build(c, arch, args.patch, args.img, args.drop_path) for c in configs}
     x = torch.randn(args.batch, 3, args.img, args.img)
     for model, loss_fn in models.values():
         model.train()
@@ -214,7 +221,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--archs", default="vit_small,vit_base")
     p.add_argument("--configs", default=",".join(CONFIGS),
-                   help="comma list of vanilla, routed, routed_slice, timm, dinov2")
+                   help="comma list of vanilla, vanilla_row, routed, routed_slice, timm, dinov2")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--img", type=int, default=224)
     p.add_argument("--patch", type=int, default=14)
@@ -222,11 +229,13 @@ def main() -> int:
     p.add_argument("--mem-reps", type=int, default=2, help="fresh subprocesses per config for peak memory")
     p.add_argument("--mmap-threshold", type=int, default=0, help="MALLOC_MMAP_THRESHOLD_ for the memory runs")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--drop-path", type=float, default=0.0,
+                   help="stochastic depth rate for every model (DINOv2's ViT-L/g recipe: 0.4; default %(default)s)")
     p.add_argument("--child-memory", metavar="CONFIG", help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.child_memory:
-        child_memory(args.child_memory, args.archs, args.batch, args.patch, args.img)
+        child_memory(args.child_memory, args.archs, args.batch, args.patch, args.img, args.drop_path)
         return 0
     configs = args.configs.split(",")
     out = []

@@ -269,7 +269,7 @@ def test_arch_overrides():
 
 def test_drop_path_only_in_train_mode():
     x = images(4, 32)
-    model = tiny(num_reg=2, drop_path_rate=1.0)  # every residual branch dropped when active
+    model = tiny(num_reg=2, drop_path_rate=1.0, drop_path_mode="row")  # every residual branch dropped when active
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1)  # LayerScale far from 1e-5 so a residual branch is visible
@@ -292,3 +292,68 @@ def test_drop_path_only_in_train_mode():
         a = half.forward_features(x)["x_prenorm"]
         b = half.forward_features(x)["x_prenorm"]
     assert not torch.equal(a, b)  # random per call
+
+
+def test_residual_of_subset_runs_the_branch_on_kept_rows_only():
+    from dinospec.models.vit import add_residual_of_subset
+
+    x = torch.randn(10, 5, 4)
+    seen: list[torch.Tensor] = []
+
+    def branch(t: torch.Tensor) -> torch.Tensor:
+        seen.append(t)
+        return 2 * t + 1
+
+    torch.manual_seed(3)
+    out = add_residual_of_subset(x, branch, drop_rate=0.35)
+    assert seen[0].shape[0] == 6  # floor(10 * 0.65): the dropped rows are never computed
+    changed = [i for i in range(10) if not torch.equal(out[i], x[i])]
+    assert len(changed) == 6
+    for i in changed:  # kept rows get the branch scaled by B / kept
+        torch.testing.assert_close(out[i], x[i] + (2 * x[i] + 1) * 10 / 6)
+    assert add_residual_of_subset(x[:1], branch, drop_rate=0.9).shape == (1, 5, 4)  # at least one row kept
+
+
+@pytest.mark.parametrize("mode, rate, expected", [("auto", 0.1, "row"), ("auto", 0.4, "subset"),
+                                                  ("row", 0.4, "row"), ("subset", 0.05, "subset")])
+def test_drop_path_mode_resolution(mode, rate, expected):
+    assert {b.drop_path_mode for b in tiny(drop_path_rate=rate, drop_path_mode=mode).blocks} == {expected}
+
+
+def test_subset_drop_path_matches_dinov2_block_in_training():
+    """Same weights, same seed: a training step of our block and of the reference package's block (which takes the
+    subset path above rate 0.1) give the same output and the same gradients."""
+    block_module = pytest.importorskip("dinov2.layers.block", reason="pip install --no-deps dinov2==0.0.1.dev2")
+    from dinov2.layers.attention import Attention as Dinov2Attention
+    from dinov2.layers.layer_scale import LayerScale as Dinov2LayerScale
+
+    spec = dict(load_config([], ["spec=norm_ls"]).spec)
+    ours = tiny(depth=1, drop_path_rate=0.4, spec=spec).blocks[0].train()
+    ref = block_module.Block(dim=TINY["embed_dim"], num_heads=TINY["num_heads"], qkv_bias=True, drop_path=0.4,
+                             init_values=1e-5, attn_class=Dinov2Attention).train()
+    assert isinstance(ref.ls1, Dinov2LayerScale)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.3)
+    # the routed model starts from the plain weights: every group's copy = the reference's layer
+    from dinospec.models.specialize import vanilla_to_routed
+
+    ours.load_state_dict(vanilla_to_routed(ref.state_dict(), ours))
+    x = torch.randn(8, 1 + 16, TINY["embed_dim"])
+    from dinospec.models.routed import Routing
+
+    routing = Routing.build((0, 1, 1), 0, 16)
+    torch.manual_seed(6)
+    got = ours(x, routing)
+    torch.manual_seed(6)
+    want = ref(x)
+    close = lambda a, b: torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * b.abs().max().item())  # noqa: E731
+    close(got, want)  # fp32 rounding apart (the reference attends with matmul + softmax, we with SDPA)
+    torch.manual_seed(7)
+    assert not torch.allclose(ours(x, routing), want, atol=1e-3)  # another subset: the draw matters
+    got.square().sum().backward()
+    want.square().sum().backward()
+    close(ours.attn.qkv.weight.grad, ref.attn.qkv.weight.grad)
+    close(ours.norm1[0].weight.grad + ours.norm1[1].weight.grad, ref.norm1.weight.grad)
+    close(ours.ls2[0].gamma.grad + ours.ls2[1].gamma.grad, ref.ls2.gamma.grad)

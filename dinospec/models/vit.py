@@ -169,7 +169,8 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, ffn_layer: str, drop_path: float,
                  layerscale: float | None, groups: Callable[[str], int], qkv_bias: bool = True,
-                 proj_bias: bool = True, ffn_bias: bool = True, attn_backend: str = "sdpa"):
+                 proj_bias: bool = True, ffn_bias: bool = True, attn_backend: str = "sdpa",
+                 drop_path_mode: str = "auto"):
         super().__init__()
         norm = partial(LayerNorm, dim, eps=1e-6)
         ffn = FFN_LAYERS[ffn_layer]
@@ -180,23 +181,49 @@ class Block(nn.Module):
         self.mlp = make_slot(lambda: ffn(dim, int(dim * mlp_ratio), bias=ffn_bias), groups("mlp"))
         self.ls2 = make_slot(lambda: LayerScale(dim, layerscale), groups("ls2")) if layerscale else nn.Identity()
         self.drop_path = drop_path
+        if drop_path_mode not in ("auto", "row", "subset"):
+            raise ValueError(f"drop_path_mode {drop_path_mode!r} is not one of auto, row, subset")
+        # DINOv2 switches to the subset trick above 0.1, where the saved compute outweighs the gather / index_add
+        self.drop_path_mode = ("subset" if drop_path > 0.1 else "row") if drop_path_mode == "auto" else drop_path_mode
 
-    def _residual(self, x: Tensor) -> Tensor:
-        # per-sample stochastic depth on the residual branch (the student only; the teacher is in eval mode)
-        return stochastic_depth(x, self.drop_path, "row", self.training) if self.drop_path > 0 else x
+    def _attn_branch(self, x: Tensor, routing: Routing) -> Tensor:
+        return route(self.ls1, self.attn(route(self.norm1, x, routing), routing), routing)
+
+    def _ffn_branch(self, x: Tensor, routing: Routing) -> Tensor:
+        return route(self.ls2, route(self.mlp, route(self.norm2, x, routing), routing), routing)
+
+    def _add(self, x: Tensor, branch: Callable[[Tensor, Routing], Tensor], routing: Routing) -> Tensor:
+        """x + branch(x) with stochastic depth in training (the student only; the teacher is in eval mode)."""
+        if not (self.training and self.drop_path > 0):
+            return x + branch(x, routing)
+        if self.drop_path_mode == "subset":
+            return add_residual_of_subset(x, partial(branch, routing=routing), self.drop_path)
+        return x + stochastic_depth(branch(x, routing), self.drop_path, "row", True)
 
     def forward(self, x: Tensor, routing: Routing) -> Tensor:
-        h = self.attn(route(self.norm1, x, routing), routing)
-        x = x + self._residual(route(self.ls1, h, routing))
-        h = route(self.mlp, route(self.norm2, x, routing), routing)
-        return x + self._residual(route(self.ls2, h, routing))
+        x = self._add(x, self._attn_branch, routing)
+        return self._add(x, self._ffn_branch, routing)
+
+
+def add_residual_of_subset(x: Tensor, branch: Callable[[Tensor], Tensor], drop_rate: float) -> Tensor:
+    """Stochastic depth that runs the branch only for the samples it keeps (DINOv2's batch-subset trick).
+
+    floor(B (1 - rate)) random samples (at least one) get branch(x) scaled by B / kept, the others nothing: the same
+    expectation as per-row dropping, without computing the rows that would be zeroed. The subset is drawn with
+    torch.randperm on the global generator, as DINOv2 draws it.
+    """
+    b = x.shape[0]
+    kept = max(int(b * (1 - drop_rate)), 1)
+    rows = torch.randperm(b, device=x.device)[:kept]
+    residual = branch(x[rows]).to(x.dtype)
+    return torch.index_add(x.flatten(1), 0, rows, residual.flatten(1), alpha=b / kept).view_as(x)
 
 
 class VisionTransformer(nn.Module):
     def __init__(self, img_size: int = 224, patch_size: int = 14, embed_dim: int = 384, depth: int = 12,
                  num_heads: int = 6, mlp_ratio: float = 4.0, ffn_layer: str = "mlp", num_register_tokens: int = 0,
-                 drop_path_rate: float = 0.0, layerscale: float | None = 1e-5, qkv_bias: bool = True,
-                 proj_bias: bool = True, ffn_bias: bool = True, attn_backend: str = "sdpa",
+                 drop_path_rate: float = 0.0, drop_path_mode: str = "auto", layerscale: float | None = 1e-5,
+                 qkv_bias: bool = True, proj_bias: bool = True, ffn_bias: bool = True, attn_backend: str = "sdpa",
                  interpolate_offset: float = 0.1, interpolate_antialias: bool = False,
                  spec: ResolvedSpec | None = None):
         super().__init__()
@@ -215,7 +242,7 @@ class VisionTransformer(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, ffn_layer, drop_path_rate, layerscale,
-                  partial(self.spec.groups_for, block=i), qkv_bias, proj_bias, ffn_bias, attn_backend)
+                  partial(self.spec.groups_for, block=i), qkv_bias, proj_bias, ffn_bias, attn_backend, drop_path_mode)
             for i in range(depth)
         )
         self.norm = make_slot(partial(LayerNorm, embed_dim, eps=1e-6),
@@ -323,6 +350,7 @@ def build_backbone(student: Mapping[str, Any], spec: Mapping[str, Any], img_size
         mlp_ratio=student["mlp_ratio"],
         num_register_tokens=student["num_register_tokens"],
         drop_path_rate=student["drop_path_rate"],
+        drop_path_mode=student.get("drop_path_mode", "auto"),  # exports do not carry it (training only)
         layerscale=student["layerscale"],
         qkv_bias=student["qkv_bias"],
         proj_bias=student["proj_bias"],
