@@ -197,6 +197,22 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """Evaluation while pretraining (DINOv2: `evaluation`); the standalone evaluations are `dinospec eval`."""
+
+    knn_period_steps: int = 0
+    """k-NN of the teacher backbone every this many steps, after step 1 and at the last step (0 = never); logged in
+    metrics.jsonl as knn_top1_k10 / knn_top1_k20 (%)."""
+    knn_train: Optional[str] = None
+    """Labelled image folder (one subfolder per class): the k-NN memory."""
+    knn_val: Optional[str] = None
+    """Labelled image folder with the same classes, classified by its nearest knn_train neighbours."""
+    knn_img_size: Optional[int] = None
+    """Evaluation image size (null = crops.global_crops_size)."""
+    knn_batch_size: int = 64
+
+
+@dataclass
 class WandbConfig:
     enabled: bool = False
     project: str = "dinospec"
@@ -227,6 +243,7 @@ class RunConfig:
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -361,6 +378,12 @@ def validate(cfg: DictConfig) -> None:
                 f"config key 'crops.{name}' = {cfg.crops[name]} is not a multiple of "
                 f"student.patch_size = {cfg.student.patch_size}"
             )
+    knn = cfg.evaluation
+    if knn.knn_period_steps < 0:
+        raise ConfigError(f"config key 'evaluation.knn_period_steps' = {knn.knn_period_steps} must be >= 0")
+    if knn.knn_period_steps and not (knn.knn_train and knn.knn_val):
+        raise ConfigError("config key 'evaluation.knn_period_steps' > 0 needs 'evaluation.knn_train' and "
+                          "'evaluation.knn_val' (labelled image folders)")
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -134,7 +134,9 @@ def plot_losses(metrics_path: Path, out_png: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     keys = [k for k in ("loss", "dino_loss", "ibot_loss", "koleo_loss") if any(k in r for r in records)]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    knn_keys = sorted({k for r in records for k in r if k.startswith("knn_top1_")})
+    panels = len(keys) + bool(knn_keys)
+    fig, axes = plt.subplots(1, panels, figsize=(4 * panels, 3.2), squeeze=False)
     for ax, key in zip(axes[0], keys):
         pts = [(r["step"], r[key]) for r in records if key in r and math.isfinite(r[key])]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2)
@@ -142,7 +144,17 @@ def plot_losses(metrics_path: Path, out_png: Path) -> Path | None:
         ax.set_xlabel("step")
         ax.set_ylabel("value")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"training losses: {metrics_path.parent.name}")
+    if knn_keys:  # evaluation.knn_period_steps: accuracy of the teacher while it trains
+        ax = axes[0][-1]
+        for key in knn_keys:
+            pts = [(r["step"], r[key]) for r in records if key in r]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", lw=1.2, label=key.split("_")[-1])
+        ax.set_title("teacher k-NN top-1")
+        ax.set_xlabel("step")
+        ax.set_ylabel("accuracy (%)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"training: {metrics_path.parent.name}")
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=110)

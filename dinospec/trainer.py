@@ -213,6 +213,27 @@ def _wrap(meta: SSLMetaArch, cfg: DictConfig, strategy: str, device: torch.devic
     return meta.student
 
 
+def _check_knn_folders(cfg: DictConfig) -> None:
+    """Fail before training, not at the first evaluation an hour in."""
+    if cfg.evaluation.knn_period_steps:
+        for key in ("knn_train", "knn_val"):
+            if not Path(cfg.evaluation[key]).is_dir():
+                raise ConfigError(f"config key 'evaluation.{key}' = {cfg.evaluation[key]!r} is not a folder")
+
+
+def _knn(meta: SSLMetaArch, cfg: DictConfig, device: torch.device) -> dict[str, float]:
+    """k-NN top-1 of the teacher backbone now (rank 0's numbers; {} on the other ranks)."""
+    from dinospec.eval.knn import knn_of_training_teacher
+    from dinospec.models.vit import build_backbone
+
+    ev = cfg.evaluation
+    img = ev.knn_img_size or cfg.crops.global_crops_size
+    rebuild = lambda: build_backbone({**cfg.student, "drop_path_rate": 0.0}, cfg.spec,  # noqa: E731
+                                     img_size=cfg.crops.global_crops_size)
+    return knn_of_training_teacher(meta.teacher.backbone, rebuild, ev.knn_train, ev.knn_val, img_size=img,
+                                   batch_size=ev.knn_batch_size, device=device)
+
+
 def _batches(loader: Any, device: torch.device) -> Iterator[dict[str, Any]]:
     for batch in loader:
         yield {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -220,6 +241,7 @@ def _batches(loader: Any, device: torch.device) -> Iterator[dict[str, Any]]:
 
 def train(cfg: DictConfig, resume: str = "auto") -> TrainOutcome:
     """Pretrain as `cfg` says. resume: "auto" (latest checkpoint of the run dir, if any), "never", or a path."""
+    _check_knn_folders(cfg)
     env, device = dist.init_distributed(cfg.compute.device)
     run_dir = Path(cfg.train.output_dir)
     torch.set_num_threads(_num_threads(cfg))
@@ -273,6 +295,7 @@ def train(cfg: DictConfig, resume: str = "auto") -> TrainOutcome:
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None and strategy != "fsdp" \
         else nullcontext()
     grad_norm = 0.0
+    knn_period = cfg.evaluation.knn_period_steps
     try:
         t_last, n_since = time.perf_counter(), 0
         for step in range(start, steps):
@@ -303,13 +326,19 @@ def train(cfg: DictConfig, resume: str = "auto") -> TrainOutcome:
             progress.step = step + 1
             n_since += 1
             logger.advance()
-            if (step + 1) % cfg.train.log_every == 0 or step == start or step + 1 == steps:
+            # k-NN every knn_period steps, at the end, and after the first step (the baseline of a fresh run)
+            knn_due = bool(knn_period) and ((step + 1) % knn_period == 0 or step + 1 == steps or step == 0)
+            if (step + 1) % cfg.train.log_every == 0 or step == start or step + 1 == steps or knn_due:
                 dt = time.perf_counter() - t_last
                 metrics = dist.mean_over_ranks({k: float(v.detach()) for k, v in losses.items()}, device)
                 metrics.update(lr=lr, wd=wd, mom=momentum, teacher_temp=teacher_temp, grad_norm=float(grad_norm),
                                img_s=round(n_since * global_batch / dt, 2), s_per_step=round(dt / n_since, 4),
                                num_broken=int(batch.get("num_broken", 0)), nonfinite_skips=progress.nonfinite_skips,
                                **_memory(device))
+                if knn_due:
+                    metrics.update(_knn(meta, cfg, device))
+                    logger.info(f"step {step + 1}: " + ", ".join(f"{k} {v:.1f}" for k, v in metrics.items()
+                                                                   if k.startswith("knn_")))
                 logger.log(step + 1, metrics)
                 t_last, n_since = time.perf_counter(), 0
             stop = dist.any_rank(signals.received is not None, device)

@@ -32,6 +32,13 @@ def photos_dir() -> Path:
     pytest.skip("no real photos found (data/eval/photos or ../shared/data/photos)")
 
 
+def knn_overrides(period: int) -> dict[str, object]:
+    """Periodic k-NN of the teacher on the repository's bundled Fashion-MNIST subset (300 train / 100 val)."""
+    root = REPO / "data" / "eval" / "fashion_mnist"
+    return {"evaluation.knn_period_steps": period, "evaluation.knn_train": str(root / "train"),
+            "evaluation.knn_val": str(root / "val")}
+
+
 def tiny_overrides(run_dir: Path, data_dir: Path, **extra: object) -> list[str]:
     """A 3-block 32-wide ViT with the paper spec, 32 px global crops, 2 local crops, small heads, no workers."""
     base = {

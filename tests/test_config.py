@@ -149,6 +149,7 @@ def test_wrong_type_in_a_file_names_key_and_file(tmp_path):
     ("student.ffn_layer=swigl", "student.ffn_layer", "swiglu"),
     ("teacher.centering=sinkhorn", "teacher.centering", "sinkhorn_knopp"),
     ("compute.precision=bf61", "compute.precision", "bf16"),
+    ("student.drop_path_mode=subsets", "student.drop_path_mode", "subset"),
 ])
 def test_bad_choice_suggests(override, key, suggestion):
     with pytest.raises(ConfigError, match=f"'{key}'.*did you mean '{suggestion}'"):
@@ -167,6 +168,8 @@ def test_bad_choice_suggests(override, key, suggestion):
     ("crops.local_crops_scale=[0.0,0.3]", "crops.local_crops_scale"),
     ("ibot.mask_ratio_min_max=[0.1,1.0]", "ibot.mask_ratio_min_max"),
     ("crops.global_crops_size=225", r"crops\.global_crops_size.*multiple"),
+    ("evaluation.knn_period_steps=-1", r"evaluation\.knn_period_steps.*>= 0"),
+    ("evaluation.knn_period_steps=100", r"evaluation\.knn_train.*evaluation\.knn_val"),
 ])
 def test_bad_values(override, match):
     with pytest.raises(ConfigError, match=match):

@@ -53,6 +53,7 @@ TINY = {  # a tiny ViT on the repository's real photos; deterministic kernels, o
     # no periodic checkpoints: only the interruption's and the final one (keep all: the test reads them)
     "checkpoint": {"period_steps": 100_000, "keep_last": 0},
     "logging": {"progress": False, "plots": False},
+    "evaluation": {"knn_period_steps": 0},  # demo.yaml's periodic k-NN reads repository-relative folders
 }
 
 

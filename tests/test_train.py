@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import photos_dir, run_cli, run_torchrun, tiny_overrides
+from conftest import knn_overrides, photos_dir, run_cli, run_torchrun, tiny_overrides
 from dinospec.checkpoint import load_model_state
 from dinospec.config import ConfigError, load_config
 from dinospec.trainer import EXIT_PREEMPTED, check_compatible
@@ -41,8 +41,12 @@ def test_short_run_learns_and_writes_its_files(tmp_path: Path) -> None:
 
 
 def test_resume_is_bitwise_exact(tmp_path: Path) -> None:
+    """Also: the straight run evaluates k-NN every 4 steps (after step 1 and at its end too); evaluating must not
+    change training."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_cli(["train", *tiny_overrides(straight, photos_dir(), **{"train.max_steps": 6})])
+    run_cli(["train", *tiny_overrides(straight, photos_dir(), **{"train.max_steps": 6, **knn_overrides(4)})])
+    knn = {r["step"]: r["knn_top1_k20"] for r in _records(straight) if "knn_top1_k20" in r}
+    assert sorted(knn) == [1, 4, 6] and all(0.0 <= v <= 100.0 for v in knn.values()), knn
     run_cli(["train", *tiny_overrides(resumed, photos_dir(), **{"train.max_steps": 3,
                                                                  "checkpoint.period_steps": 3})])
     run_cli(["train", *tiny_overrides(resumed, photos_dir(), **{"train.max_steps": 6})])
@@ -89,6 +93,10 @@ def test_incompatible_resume_is_refused_and_compatible_change_allowed(tmp_path: 
     assert proc.returncode == 2 and "spec.qkv" in proc.stderr
     proc = run_cli(["train", "--no-resume", *args], check=False)
     assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr
+    missing = {"evaluation.knn_period_steps": 1, "evaluation.knn_train": str(tmp_path / "nope"),
+               "evaluation.knn_val": str(tmp_path / "nope")}
+    proc = run_cli(["train", *args, *(f"{k}={v}" for k, v in missing.items())], check=False)
+    assert proc.returncode == 2 and "'evaluation.knn_train'" in proc.stderr and "not a folder" in proc.stderr
 
 
 def test_nonfinite_loss_stops_with_the_step_named(tmp_path: Path) -> None:
@@ -126,8 +134,10 @@ def test_fsdp2_on_two_cpu_ranks_matches_ddp(tmp_path: Path) -> None:
         runs[strategy] = tmp_path / strategy
         run_torchrun(2, ["train", *tiny_overrides(runs[strategy], photos_dir(), **{
             "train.max_steps": 2, "checkpoint.period_steps": 2, "compute.strategy": strategy,
-            "train.batch_size_per_gpu": 4, "dino.koleo_scope": "global"})])
+            "train.batch_size_per_gpu": 4, "dino.koleo_scope": "global", **knn_overrides(2)})])
     ra, rb = (_records(runs[s]) for s in ("ddp", "fsdp"))
+    # k-NN of the teacher: FSDP2 gathers its shards for rank 0; same weights, same accuracy (1 image = 1%)
+    assert ra[-1]["knn_top1_k10"] == pytest.approx(rb[-1]["knn_top1_k10"], abs=1.01)
     for key in ("loss", "dino_loss", "ibot_loss", "koleo_loss", "grad_norm"):
         assert [r[key] for r in ra] == pytest.approx([r[key] for r in rb], rel=2e-5), key
     a, b = _final(runs["ddp"], 2), _final(runs["fsdp"], 2)

@@ -8,12 +8,13 @@ class index). Top-1 accuracy is reported for every k asked for, from a single to
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dinospec import dist
 from dinospec.eval.features import extract_features, paired_image_folders
 
 DEFAULT_KS = (10, 20)
@@ -69,3 +70,32 @@ def knn_eval_during_training(backbone: nn.Module, train_dir: str | Path, val_dir
                            desc="knn val", progress=progress)
     acc = knn_accuracy(train.cls, train.targets, val.cls, val.targets, ks, temperature)
     return {f"knn_top1_k{k}": 100.0 * a for k, a in acc.items()}
+
+
+def knn_of_training_teacher(backbone: nn.Module, rebuild: Callable[[], nn.Module], train_dir: str | Path,
+                            val_dir: str | Path, *, img_size: int | None, batch_size: int,
+                            device: torch.device) -> dict[str, float]:
+    """k-NN of the teacher backbone in the middle of pretraining; every rank calls it at the same step.
+
+    Under FSDP2 the parameters are shards: all ranks gather the full weights, which rank 0 loads into `rebuild()`
+    (a fresh backbone of the same config); otherwise rank 0 evaluates `backbone` itself. Everything runs under a
+    forked RNG, so training draws the same random numbers whether or not (and how often) it evaluates: runs and
+    resumes stay bitwise reproducible. Rank 0 gets the metrics, the other ranks {}.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    main = dist.rank() == 0
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        model: nn.Module | None = backbone
+        if any(isinstance(p, DTensor) for p in backbone.parameters()):
+            full = get_model_state_dict(backbone, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            model = None
+            if main:
+                model = rebuild()
+                model.load_state_dict(full)
+        result = knn_eval_during_training(model, train_dir, val_dir, img_size=img_size, batch_size=batch_size,
+                                          device=str(device)) if main else {}
+    dist.barrier()
+    return result
