@@ -12,7 +12,6 @@ import importlib
 import importlib.util
 import json
 import sys
-from typing import Callable
 
 from dinospec.config import ConfigError, load_config
 

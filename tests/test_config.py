@@ -10,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from dinospec.config import CONFIG_DIR, ConfigError, RunConfig, SpecConfig, load_config
-from dinospec.models.specialize import BLOCK_KINDS, resolve_spec
+from dinospec.models.specialize import resolve_spec
 from dinospec.models.vit import ARCHS, arch_kwargs
 
 MODEL_PRESETS = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))

@@ -108,20 +108,24 @@ def test_preemption_signals_save_the_current_step_exit_75_and_resume_exactly(
         tmp_path: Path, reference: dict[str, Any]) -> None:
     """SIGTERM, then SIGUSR1 on the resumed run, each sent to the whole process group (as SLURM does, data-loader
     worker included) a random moment into a step: the step finishes, is saved, the exit code is 75; the third run
-    finishes the job bitwise equal to the uninterrupted one."""
+    finishes the job bitwise equal to the uninterrupted one. Each run is frozen (SIGSTOP) a few ms after it
+    published a checkpoint of its own, signalled, and let go (SIGCONT): mid-step however fast the machine is."""
     rng, seed = _seeded_rng()
     run = tmp_path / "run"
     args = train_args(run, **{"checkpoint.period_steps": 2, "data.num_workers": 1})
-    story = f"seed {seed}"
-    for i, (sig, after) in enumerate(((signal.SIGTERM, 4), (signal.SIGUSR1, 8))):
+    story, saved = f"seed {seed}", ["0"]
+    for i, sig in enumerate((signal.SIGTERM, signal.SIGUSR1)):
+        after = int(saved[0]) + 2  # a checkpoint this run publishes: past start-up, >= 4 steps before the end
         job = Job(args, 1, tmp_path / f"preempted{i}.log")
         per_step = wait_for_step(job, run, after)
-        delay = rng.uniform(0.0, 0.9) * per_step
+        delay = rng.uniform(0.0, 0.9) * min(per_step, 0.01)
         time.sleep(delay)
+        job.signal(signal.SIGSTOP)
         job.signal(sig)
+        job.signal(signal.SIGCONT)
         codes = job.wait(120)
         saved = re.findall(r"signal received: saved step (\d+)", job.log())
-        story += f"; {signal.Signals(sig).name} +{delay:.2f}s after step >= {after}: exit {codes}, saved {saved}"
+        story += f"; {signal.Signals(sig).name} +{delay:.3f}s after step >= {after}: exit {codes}, saved {saved}"
         assert codes == [EXIT_PREEMPTED] and len(saved) == 1, f"{story}\n{job.log()[-3000:]}"
         assert published_step(run) == int(saved[0]) > after - 1, story
         verify_checkpoint(run / "checkpoints" / f"step_{saved[0]}")

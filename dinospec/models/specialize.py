@@ -8,7 +8,6 @@ Conversion between a plain (vanilla) state dict and a routed one is a rename plu
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Iterable, Mapping
