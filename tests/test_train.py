@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,26 @@ def test_fsdp2_on_two_cpu_ranks_matches_ddp(tmp_path: Path) -> None:
     assert a.keys() == b.keys()
     off = sum(int(((a[k] - b[k]).abs() > 1e-6 + 1e-5 * a[k].abs()).sum()) for k in a if a[k].is_floating_point())
     assert off / sum(v.numel() for v in a.values()) < 1e-3
+
+
+@pytest.mark.slow
+def test_bf16_autocast_and_fsdp2_mixed_precision_train_the_routed_model(tmp_path: Path) -> None:
+    """What a GPU run does by default (compute.precision=auto -> bf16), on CPU: autocast on one process, FSDP2's
+    MixedPrecisionPolicy (bf16 parameters and compute) on 2 gloo ranks; routed QKV and MLP included. The first
+    step's loss agrees with fp32 to bf16 accuracy (the lr warmup starts at 0: the weights are still the init)."""
+    extra = {"train.max_steps": 2, "spec.qkv": "all", "spec.mlp": "first_third", "checkpoint.period_steps": 2,
+             "dino.koleo_scope": "global"}  # KoLeo over the global batch: 2 ranks x 4 == 1 rank x 8
+    runs = {name: tmp_path / name for name in ("fp32", "bf16", "fsdp_bf16")}
+    run_cli(["train", *tiny_overrides(runs["fp32"], photos_dir(), **extra)])
+    run_cli(["train", *tiny_overrides(runs["bf16"], photos_dir(), **extra, **{"compute.precision": "bf16"})])
+    run_torchrun(2, ["train", *tiny_overrides(runs["fsdp_bf16"], photos_dir(), **extra, **{
+        "compute.precision": "bf16", "compute.strategy": "fsdp", "train.batch_size_per_gpu": 4})])
+    first = {name: _records(run)[0] for name, run in runs.items()}
+    for name in ("bf16", "fsdp_bf16"):
+        for key in ("dino_loss", "ibot_loss"):
+            assert first[name][key] == pytest.approx(first["fp32"][key], rel=2e-2), (name, key, first)
+    # KoLeo: with bf16 autocast the final norm runs in fp32 and KoLeo agrees; with bf16 parameters (FSDP2) the [CLS]
+    # features of a fresh model (LayerScale 1e-5: nearly image-independent) differ below bf16's resolution, so the
+    # nearest-neighbour distances, and KoLeo, are not comparable at step 1 (DINOv2's fp16 FSDP shares this)
+    assert first["bf16"]["koleo_loss"] == pytest.approx(first["fp32"]["koleo_loss"], rel=2e-2), first
+    assert all(math.isfinite(r["loss"]) for name in ("bf16", "fsdp_bf16") for r in _records(runs[name]))
