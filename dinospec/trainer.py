@@ -19,6 +19,7 @@ import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -224,13 +225,11 @@ def _check_knn_folders(cfg: DictConfig) -> None:
 def _knn(meta: SSLMetaArch, cfg: DictConfig, device: torch.device) -> dict[str, float]:
     """k-NN top-1 of the teacher backbone now (rank 0's numbers; {} on the other ranks)."""
     from dinospec.eval.knn import knn_of_training_teacher
-    from dinospec.models.vit import build_backbone
+    from dinospec.ssl.meta_arch import build_teacher_backbone
 
     ev = cfg.evaluation
-    img = ev.knn_img_size or cfg.crops.global_crops_size
-    rebuild = lambda: build_backbone({**cfg.student, "drop_path_rate": 0.0}, cfg.spec,  # noqa: E731
-                                     img_size=cfg.crops.global_crops_size)
-    return knn_of_training_teacher(meta.teacher.backbone, rebuild, ev.knn_train, ev.knn_val, img_size=img,
+    return knn_of_training_teacher(meta.teacher.backbone, partial(build_teacher_backbone, cfg), ev.knn_train,
+                                   ev.knn_val, img_size=ev.knn_img_size or cfg.crops.global_crops_size,
                                    batch_size=ev.knn_batch_size, device=device)
 
 

@@ -102,21 +102,6 @@ class Plan:
     length: int
 
 
-def type_major_routing(group_of_type: tuple[int, ...], lengths: tuple[int, int, int]) -> Routing:
-    """Routing over [cls slots | register slots | patch slots] of the given lengths (adjacent equal groups merged)."""
-    segments: list[list[int]] = []
-    start = 0
-    for group, n in zip(group_of_type, lengths):
-        if n == 0:
-            continue
-        if segments and segments[-1][2] == group:
-            segments[-1][1] += n
-        else:
-            segments.append([start, start + n, group])
-        start += n
-    return Routing(tuple(tuple(s) for s in segments))  # type: ignore[misc]
-
-
 def make_plan(shapes: list[tuple[int, int]], num_reg: int, num_global: int, group_of_type: tuple[int, ...],
               layout: str) -> Plan:
     """shapes: (count, tokens per sequence) per crop size, globals first. padded: one sequence per row; packed:
@@ -151,7 +136,7 @@ def make_plan(shapes: list[tuple[int, int]], num_reg: int, num_global: int, grou
             p += n
     return Plan(source=source.flatten(), seq_index=torch.where(seq_id >= 0, seq_id, len(seqs)),
                 attn_mask=(seq_id[:, :, None] == seq_id[:, None, :]).unsqueeze(1),
-                routing=type_major_routing(group_of_type, (k, k * r, longest)), cls_slot=cls_slot,
+                routing=Routing.from_lengths(group_of_type, (k, k * r, longest)), cls_slot=cls_slot,
                 patch_slot=torch.cat(patch_slots[:num_global]), rows=len(rows), length=length)
 
 

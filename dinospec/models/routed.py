@@ -37,10 +37,16 @@ class Routing:
     @staticmethod
     def build(group_of_type: Sequence[int], num_reg: int, num_patches: int) -> "Routing":
         """`group_of_type[i]` is the group of TOKEN_TYPES[i]; the layout is [1 cls | num_reg | num_patches]."""
-        lengths = (1, int(num_reg), int(num_patches))  # plain ints even from a traced shape (fvcore's jit trace)
+        return Routing.from_lengths(group_of_type, (1, num_reg, num_patches))
+
+    @staticmethod
+    def from_lengths(group_of_type: Sequence[int], lengths: Sequence[int]) -> "Routing":
+        """The layout [lengths[0] cls | lengths[1] registers | lengths[2] patches] (several sequences packed
+        type-major have more than one [CLS])."""
         segments: list[list[int]] = []
         start = 0
         for group, length in zip(group_of_type, lengths):
+            length = int(length)  # plain ints even from a traced shape (fvcore's jit trace)
             if length == 0:
                 continue
             if segments and segments[-1][2] == group:

@@ -55,6 +55,11 @@ class Student(nn.Module):
         return {"cls": cls_g, "dino_global": dino_g, "dino_local": dino_l if n_l else None, "ibot": ibot}
 
 
+def build_teacher_backbone(cfg: Any) -> nn.Module:
+    """The teacher's backbone: the student's architecture at the global crop size, never dropping paths."""
+    return build_backbone({**cfg.student, "drop_path_rate": 0.0}, cfg.spec, img_size=cfg.crops.global_crops_size)
+
+
 class SSLMetaArch(nn.Module):
     """Holds student, teacher and the loss modules (whose centres are buffers, so they are checkpointed)."""
 
@@ -63,7 +68,7 @@ class SSLMetaArch(nn.Module):
         self.cfg = cfg
         img = cfg.crops.global_crops_size
         student_backbone = build_backbone(cfg.student, cfg.spec, img_size=img)
-        teacher_backbone = build_backbone({**cfg.student, "drop_path_rate": 0.0}, cfg.spec, img_size=img)
+        teacher_backbone = build_teacher_backbone(cfg)
         dim = student_backbone.embed_dim
         self.student = Student(student_backbone, _heads(cfg, dim))
         self.teacher = Student(teacher_backbone, _heads(cfg, dim))
