@@ -28,7 +28,7 @@ setup(
     ],
     extras_require={
         "gpu": ["xformers"],
-        "dev": ["pytest>=8", "timm>=1.0", "scikit-image>=0.22"],
+        "dev": ["pytest>=8", "timm>=1.0", "scikit-image>=0.22", "scikit-learn>=1.3"],
     },
     entry_points={"console_scripts": ["dinospec=dinospec.cli:main"]},
 )

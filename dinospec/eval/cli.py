@@ -24,7 +24,7 @@ from torch import nn
 from dinospec.eval.features import (SegmentationFolder, extract_features, load_eval_backbone,
                                     paired_image_folders, read_class_names)
 from dinospec.eval.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, knn_accuracy
-from dinospec.eval.linear import DEFAULT_HOLDOUT, DEFAULT_LRS, DEFAULT_STEPS, linear_probe
+from dinospec.eval.linear import DEFAULT_HOLDOUT, DEFAULT_L2S, DEFAULT_MAX_ITER, linear_probe
 from dinospec.eval.segmentation import DEFAULT_LRS as SEG_LRS
 from dinospec.eval.segmentation import DEFAULT_STEPS as SEG_STEPS
 from dinospec.eval.segmentation import IGNORE_INDEX, seg_probe
@@ -54,8 +54,8 @@ def eval_knn(backbone: nn.Module, train: str | Path, val: str | Path, *, ks: Seq
 
 
 def eval_linear(backbone: nn.Module, train: str | Path, val: str | Path, *, img_size: int = 224,
-                concat_patch_mean: bool = False, lrs: Sequence[float] = DEFAULT_LRS, steps: int = DEFAULT_STEPS,
-                holdout: float = DEFAULT_HOLDOUT, weight_decay: float = 0.0, seed: int = 0,
+                concat_patch_mean: bool = False, l2s: Sequence[float] = DEFAULT_L2S,
+                max_iter: int = DEFAULT_MAX_ITER, holdout: float = DEFAULT_HOLDOUT, seed: int = 0,
                 **extract_opts: Any) -> dict:
     """Linear probe top-1 (%) on [CLS] (optionally concatenated with the mean patch token, as DINOv2)."""
     train_set, val_set = paired_image_folders(train, val, img_size)
@@ -65,8 +65,8 @@ def eval_linear(backbone: nn.Module, train: str | Path, val: str | Path, *, img_
         tr_x, va_x = torch.cat([tr.cls, tr.patch_mean], dim=1), torch.cat([va.cls, va.patch_mean], dim=1)
     else:
         tr_x, va_x = tr.cls, va.cls
-    result = linear_probe(tr_x, tr.targets, va_x, va.targets, lrs=lrs, steps=steps, holdout=holdout,
-                          weight_decay=weight_decay, seed=seed)
+    result = linear_probe(tr_x, tr.targets, va_x, va.targets, l2s=l2s, max_iter=max_iter, holdout=holdout,
+                          seed=seed)
     result["features"] = "cls + mean patch token" if concat_patch_mean else "cls"
     result["classes"] = train_set.classes
     return result
@@ -111,14 +111,17 @@ def _common(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (%(default)s)")
     p.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes (%(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    if task == "linear":
+        p.add_argument("--l2", type=float, nargs="+", default=list(DEFAULT_L2S),
+                       help="the grid of L2 strengths (on the mean cross-entropy) (%(default)s)")
+        p.add_argument("--max-iter", type=int, default=DEFAULT_MAX_ITER,
+                       help="L-BFGS iteration cap per fit (%(default)s)")
+    if task == "seg":
+        p.add_argument("--steps", type=int, default=SEG_STEPS, help="optimiser steps per lr (%(default)s)")
+        p.add_argument("--lrs", type=float, nargs="+", default=list(SEG_LRS), help="the lr grid (%(default)s)")
     if task in ("linear", "seg"):
-        p.add_argument("--steps", type=int, default=DEFAULT_STEPS if task == "linear" else
-                       SEG_STEPS, help="optimiser steps per lr (%(default)s)")
-        p.add_argument("--lrs", type=float, nargs="+",
-                       default=list(DEFAULT_LRS if task == "linear" else SEG_LRS),
-                       help="the lr grid (%(default)s)")
         p.add_argument("--holdout", type=float, default=DEFAULT_HOLDOUT,
-                       help="fraction of train held out to choose the lr (0: choose on val, optimistic) "
+                       help="fraction of train held out for model selection (0: choose on val, optimistic) "
                             "(%(default)s)")
         p.add_argument("--seed", type=int, default=0)
 
@@ -132,7 +135,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("linear", help="linear classification probe on [CLS]")
     _common(p, "linear")
     p.add_argument("--concat-patch-mean", action="store_true", help="[CLS] + mean patch token, as DINOv2")
-    p.add_argument("--weight-decay", type=float, default=0.0)
     p = sub.add_parser("seg", help="linear segmentation probe on patch features (mIoU)")
     _common(p, "seg")
     p.add_argument("--num-classes", type=int, help="default: from classes.txt, else the largest label + 1")
@@ -147,9 +149,10 @@ def _rows(task: str, r: dict) -> list[tuple[str, str]]:
     if task == "seg":
         rows += [("pixel accuracy", f"{r['pixel_accuracy']:.2f}%")]
         rows += [(f"  IoU {name}", "absent" if v is None else f"{v:.2f}%") for name, v in r["per_class_iou"].items()]
-    key = "selection_top1_by_lr" if task == "linear" else "selection_miou_by_lr"
-    rows += [("best lr", f"{r['best_lr']:g}"), ("selection", r["selection"])]
-    rows += [(f"  lr {lr}", f"{v:.2f}%") for lr, v in r[key].items()]
+    knob = "l2" if task == "linear" else "lr"
+    key = "selection_top1_by_l2" if task == "linear" else "selection_miou_by_lr"
+    rows += [(f"best {knob}", f"{r['best_' + knob]:g}"), ("selection", r["selection"])]
+    rows += [(f"  {knob} {v_knob}", f"{v:.2f}%") for v_knob, v in r[key].items()]
     return rows
 
 
@@ -179,11 +182,12 @@ def run(args: argparse.Namespace) -> int:
     if task == "knn":
         opts.update(ks=args.k, temperature=args.temperature)
     else:
-        opts.update(lrs=args.lrs, steps=args.steps, holdout=args.holdout, seed=args.seed)
+        opts.update(holdout=args.holdout, seed=args.seed)
         if task == "linear":
-            opts.update(concat_patch_mean=args.concat_patch_mean, weight_decay=args.weight_decay)
+            opts.update(l2s=args.l2, max_iter=args.max_iter, concat_patch_mean=args.concat_patch_mean)
         else:
-            opts.update(num_classes=args.num_classes, batchnorm=not args.no_batchnorm)
+            opts.update(lrs=args.lrs, steps=args.steps, num_classes=args.num_classes,
+                        batchnorm=not args.no_batchnorm)
     try:
         results = tasks[task](backbone, args.train, args.val, **opts)
     except (OSError, ValueError) as e:  # a missing split, an unreadable image, train/val classes that differ

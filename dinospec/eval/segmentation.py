@@ -17,13 +17,18 @@ predicted but absent from the ground truth counts, with IoU 0.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dinospec.eval.linear import cosine_lr, stratified_split
+from dinospec.eval.linear import stratified_split
+
+
+def cosine_lr(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
 
 IGNORE_INDEX = 255
 DEFAULT_LRS = (1e-3, 1e-2, 1e-1)
