@@ -146,6 +146,16 @@ class CropsConfig:
 
 
 @dataclass
+class DataSource:
+    """One dataset of a mixture (data.sources)."""
+
+    path: str = "???"
+    kind: str = "auto"
+    weight: float = 1.0
+    """Share of the stream (weights are normalised over the sources)."""
+
+
+@dataclass
 class DataConfig:
     path: str = "data/demo"
     """An image folder (labels from subfolders if any), a file list (.txt), or a folder/glob of .tar shards."""
@@ -153,6 +163,18 @@ class DataConfig:
     """auto | folder | filelist | tar."""
     num_workers: int = 8
     pin_memory: bool = True
+    sources: List[DataSource] = field(default_factory=list)
+    """A mixture: [{path, weight, kind}, ...] in one resumable stream (replaces data.path when not empty)."""
+    order: str = "auto"
+    """Per-pass sample order: auto (shard_window for tar shards, randperm otherwise) | randperm (a full permutation
+    array per pass, the order before shard indexes) | feistel (a full shuffle computed per position) | shard_window
+    (shards permuted, samples shuffled within windows of data.window_shards shards)."""
+    window_shards: int = 16
+    """Shards per shuffle window of the shard_window order."""
+    max_open_shards: int = 32
+    """Open tar shards per data-loader process (least recently used closed first)."""
+    index_workers: int = 4
+    """Processes that index the shards when no index exists yet (`dinospec index` builds it ahead)."""
 
 
 @dataclass
@@ -341,6 +363,7 @@ _CHOICES = {
     "optim.scaling_rule": ("sqrt_wrt_1024", "linear_wrt_256", "none"),
     "crops.blur_probabilities": ("intended", "upstream"),
     "data.kind": ("auto", "folder", "filelist", "tar"),
+    "data.order": ("auto", "randperm", "feistel", "shard_window"),
     "train.nonfinite": ("stop", "skip"),
     "compute.device": ("auto", "cpu", "cuda"),
     "compute.precision": ("auto", "fp32", "bf16"),
@@ -378,6 +401,14 @@ def validate(cfg: DictConfig) -> None:
                 f"config key 'crops.{name}' = {cfg.crops[name]} is not a multiple of "
                 f"student.patch_size = {cfg.student.patch_size}"
             )
+    for k, source in enumerate(cfg.data.sources):
+        if OmegaConf.is_missing(source, "path"):
+            raise ConfigError(f"config key 'data.sources[{k}].path' is missing (each source needs a path)")
+        if source.kind not in _CHOICES["data.kind"]:
+            raise ConfigError(f"config key 'data.sources[{k}].kind' = {source.kind!r} is not one of "
+                              f"{list(_CHOICES['data.kind'])}")
+        if not 0 < source.weight < float("inf"):
+            raise ConfigError(f"config key 'data.sources[{k}].weight' = {source.weight!r} must be > 0")
     knn = cfg.evaluation
     if knn.knn_period_steps < 0:
         raise ConfigError(f"config key 'evaluation.knn_period_steps' = {knn.knn_period_steps} must be >= 0")

@@ -332,7 +332,7 @@ def train(cfg: DictConfig, resume: str = "auto") -> TrainOutcome:
                 metrics = dist.mean_over_ranks({k: float(v.detach()) for k, v in losses.items()}, device)
                 metrics.update(lr=lr, wd=wd, mom=momentum, teacher_temp=teacher_temp, grad_norm=float(grad_norm),
                                img_s=round(n_since * global_batch / dt, 2), s_per_step=round(dt / n_since, 4),
-                               num_broken=int(batch.get("num_broken", 0)), nonfinite_skips=progress.nonfinite_skips,
+                               num_broken=loader.broken.sync(), nonfinite_skips=progress.nonfinite_skips,
                                **_memory(device))
                 if knn_due:
                     metrics.update(_knn(meta, cfg, device))

@@ -22,6 +22,7 @@ from dinospec.data.augment import BLUR_PROBABILITIES, MultiCropAugmentation
 from dinospec.data.datasets import (BrokenImage, FileListDataset, FolderDataset, TarShardDataset, build_dataset,
                                     decode_image)
 from dinospec.data.loader import MultiCropSamples, build_ssl_loader
+from dinospec.data.shards import IndexedTarDataset
 from dinospec.data.masking import BlockMaskGenerator, SampleMasker
 from dinospec.data.sampler import ShardedStreamSampler, derive_seed
 
@@ -140,9 +141,12 @@ def test_tar_shards_index_group_by_key_and_read_randomly(tmp_path: Path, labelle
     _write_shard(shard_dir / "shard-000000.tar", members0)
     _write_shard(shard_dir / "shard-000001.tar", [(f"{k:04d}.jpg", f.read_bytes()) for k, f in
                                                    enumerate(files[4:])] + [("0000.cls", b"1"), ("0001.cls", b"0")])
+    scanned = TarShardDataset(sorted(str(p) for p in shard_dir.glob("*.tar")))  # the reader before the index
     for path in (str(shard_dir), str(shard_dir / "shard-*.tar")):
         ds = build_dataset(path)
-        assert isinstance(ds, TarShardDataset) and len(ds) == 6
+        assert isinstance(ds, IndexedTarDataset) and len(ds) == 6 == len(scanned)
+        assert [ds.describe(i) for i in range(6)] == [scanned.describe(i) for i in range(6)]  # same numbering
+        assert [scanned.label(i) for i in range(6)] == [0, 1, 0, 1, 1, 0]
         assert [ds.label(i) for i in range(6)] == [0, 1, 0, 1, 1, 0] and ds.classes == ["0", "1"]
         for i in (5, 0, 3):  # random access, out of order
             expected = decode_image(str(files[i]), "x")
@@ -163,8 +167,10 @@ def test_build_dataset_errors_are_clear(tmp_path: Path):
         info = tarfile.TarInfo("0.cls")
         info.size = 1
         tar.addfile(info, io.BytesIO(b"1"))
-    with pytest.raises(ValueError, match="uncompressed"):
+    with pytest.raises(ValueError, match="is compressed.*decompress"):
         build_dataset(str(tmp_path / "compressed.tar"))
+    with pytest.raises(ValueError, match="compressed shard.*decompress"):
+        build_dataset(str(tmp_path / "shard-*.tar.gz"))
     (tmp_path / "list.txt").write_text("a.jpg -1\n")
     with pytest.raises(ValueError, match="negative"):
         build_dataset(str(tmp_path / "list.txt"))
@@ -237,18 +243,17 @@ def test_broken_files_raise_broken_image(broken_tree):
 
 
 @needs_shared
-def test_loader_skips_broken_files_counting_and_logging_each_once(broken_tree, caplog):
+def test_samples_skip_broken_files_reporting_each_once(broken_tree):
     root, broken = broken_tree
     ds = build_dataset(str(root))
     grid = 32 // 8
     samples = MultiCropSamples(ds, MultiCropAugmentation(32, local_crops_number=1, local_crops_size=16),
                                SampleMasker((grid, grid), 0.5, (0.1, 0.5)), seed=3)
     ids = [(p, i) for p in range(2) for i in range(len(ds))]  # two passes: each broken file met twice
-    with caplog.at_level(logging.WARNING, logger="dinospec.data.loader"):
-        out = [samples[sid] for sid in ids]
-    assert samples.broken and len(samples.broken) == 3 and out[-1]["num_broken"] == 3
-    logged = [r.getMessage() for r in caplog.records if "broken image" in r.getMessage()]
-    assert len(logged) == 3 and all(any(name in m for m in logged) for name in broken)
+    out = samples.__getitems__(ids[:5]) + [samples[sid] for sid in ids[5:]]  # batch reads and single reads agree
+    assert len(samples.broken) == 3
+    reports = [r for sample in out for r in sample["broken"]]
+    assert sorted(Path(path).name for path, _ in reports) == broken  # each reported once by this process
     broken_index = {i for i in range(len(ds)) if Path(ds.describe(i)).name in broken}
     for sid, sample in zip(ids, out):
         assert sample["sample_id"][1] not in broken_index  # every sample shows a decodable image
@@ -257,6 +262,18 @@ def test_loader_skips_broken_files_counting_and_logging_each_once(broken_tree, c
     for sid, sample in zip(ids, out):
         again = fresh[sid]
         assert again["sample_id"] == sample["sample_id"] and torch.equal(again["global_crops"], sample["global_crops"])
+
+
+@needs_shared
+def test_loader_counts_and_logs_each_broken_file_once_over_workers(broken_tree, caplog):
+    """Two workers, three passes: every worker meets every broken file, the run logs and counts each once."""
+    root, broken = broken_tree
+    loader = build_ssl_loader(_tiny_cfg(root, "data.num_workers=2", "train.batch_size_per_gpu=7"))
+    with caplog.at_level(logging.WARNING, logger="dinospec.data.loader"):
+        batches = [b for _, b in zip(range(6), loader)]
+    logged = [r.getMessage() for r in caplog.records if "broken image" in r.getMessage()]
+    assert sorted(Path(m.split()[3]).name for m in logged) == broken
+    assert batches[-1]["num_broken"] == 3 and loader.broken.sync() == 3
 
 
 # ---------------------------------------------------------------------------------------------------------------

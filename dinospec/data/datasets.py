@@ -8,13 +8,14 @@ sampler's resumable stream positions mean the same thing for every kind. A file 
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import io
 import os
 import re
 import tarfile
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -96,6 +97,55 @@ class ImageDataset:
     def describe(self, index: int) -> str:
         """Where sample `index` comes from (a path, or shard:member), for log messages."""
         raise NotImplementedError
+
+    def load_many(self, indices: Sequence[int]) -> list[Image.Image | BrokenImage]:
+        """`load` for each index, a failure as its BrokenImage; datasets whose reads are cheaper in some order
+        (tar shards: file order) override it."""
+        out: list[Image.Image | BrokenImage] = []
+        for index in indices:
+            try:
+                out.append(self.load(index))
+            except BrokenImage as e:
+                out.append(e)
+        return out
+
+
+class ConcatImages(ImageDataset):
+    """Datasets laid end to end (a mixture's sources): index bases[k] + i is sample i of dataset k. Labels stay
+    each source's own; `classes` is empty (the sources' class lists need not agree)."""
+
+    def __init__(self, parts: Sequence[ImageDataset]):
+        self.parts = list(parts)
+        self.bases = np.concatenate([[0], np.cumsum([len(p) for p in self.parts])]).astype(np.int64)
+        self.classes = []
+
+    def __len__(self) -> int:
+        return int(self.bases[-1])
+
+    def _part(self, index: int) -> tuple[ImageDataset, int]:
+        k = int(np.searchsorted(self.bases, index, side="right")) - 1
+        return self.parts[k], index - int(self.bases[k])
+
+    def load(self, index: int) -> Image.Image:
+        part, i = self._part(index)
+        return part.load(i)
+
+    def load_many(self, indices: Sequence[int]) -> list[Image.Image | BrokenImage]:
+        out: list[Image.Image | BrokenImage | None] = [None] * len(indices)
+        located = [self._part(i) for i in indices]
+        for part in {id(p): p for p, _ in located}.values():  # each source's reads together, in its own order
+            rows = [j for j, (p, _) in enumerate(located) if p is part]
+            for j, image in zip(rows, part.load_many([located[j][1] for j in rows])):
+                out[j] = image
+        return out  # type: ignore[return-value]
+
+    def label(self, index: int) -> int:
+        part, i = self._part(index)
+        return part.label(i)
+
+    def describe(self, index: int) -> str:
+        part, i = self._part(index)
+        return part.describe(i)
 
 
 def _is_image(name: str) -> bool:
@@ -198,7 +248,9 @@ def _split_member_name(name: str) -> tuple[str, str]:
 
 
 class TarShardDataset(ImageDataset):
-    """webdataset-layout tar shards, indexed once so that any sample can be read directly.
+    """webdataset-layout tar shards, indexed in memory at start-up by reading every member header (the reader
+    before the on-disk shard index; `build_dataset` now opens tar shards through dinospec.data.shards, which numbers
+    the samples the same way; this one stays as the baseline scripts/bench_data_scale.py compares against).
 
     Members are grouped into samples by key (path up to the first dot of the file name); a sample's image is its
     first member with an image extension, its label an optional `.cls` member holding an integer. Shards must be
@@ -288,6 +340,35 @@ class TarShardDataset(ImageDataset):
         return f"{self.shards[int(self._shard_of[index])]}:{self._names[index]}"
 
 
+def _indexed_shards(path: str, max_open: int, index_workers: int) -> ImageDataset:
+    """A directory of shards, a glob of shards in one directory, or one shard, through the directory's index."""
+    from dinospec.data.shard_index import COMPRESSED_SUFFIXES, ShardIndex, open_index
+    from dinospec.data.shards import IndexedTarDataset
+
+    if path.endswith(COMPRESSED_SUFFIXES):
+        raise ValueError(f"{path} is a compressed shard: samples cannot be read by offset; decompress the shards "
+                         f"into plain .tar files")
+    if os.path.isdir(path):
+        return IndexedTarDataset(open_index(path, index_workers), max_open)
+    root, pattern = os.path.split(path)
+    root = root or "."
+    if glob.has_magic(root):
+        raise ValueError(f"data path {path}: wildcards are allowed in the shard file name only (one directory of "
+                         f"shards, e.g. /data/shards/train-*.tar)")
+    if not glob.has_magic(pattern) and not os.path.isfile(path):
+        raise FileNotFoundError(f"tar shard {path} does not exist")
+    index = open_index(root, index_workers) if os.path.isdir(root) else None
+    if index is None:
+        raise FileNotFoundError(f"no .tar shards match {path}")
+    names = [n.decode("utf-8", "surrogateescape") for n in index.shards["name"]]
+    chosen = fnmatch.filter(names, pattern)
+    if not chosen:
+        raise FileNotFoundError(f"no .tar shards match {path} (the index of {root} lists {len(names)} shards; "
+                                f"if shards were added, rebuild it: dinospec index {root} --force)")
+    selected: ShardIndex = index.select(chosen)
+    return IndexedTarDataset(selected, max_open)
+
+
 def _tar_shards(path: str) -> list[str]:
     if glob.has_magic(path):
         shards = sorted(p for p in glob.glob(path) if p.endswith(".tar"))
@@ -301,7 +382,9 @@ def _tar_shards(path: str) -> list[str]:
 
 
 def _detect_kind(path: str) -> str:
-    if glob.has_magic(path) or path.endswith(".tar"):
+    if glob.has_magic(path) or path.endswith(".tar") or path.endswith((".tar.gz", ".tgz")):
+        return "tar"
+    if os.path.isdir(os.path.join(path, ".dinospec-index")):
         return "tar"
     if os.path.isdir(path):
         names = [e.name for e in os.scandir(path) if not e.name.startswith(".")]
@@ -313,9 +396,11 @@ def _detect_kind(path: str) -> str:
     raise FileNotFoundError(f"data path {path} does not exist")
 
 
-def build_dataset(path: str, kind: str = "auto") -> ImageDataset:
+def build_dataset(path: str, kind: str = "auto", max_open_shards: int = 32, index_workers: int = 1) -> ImageDataset:
     """Open `path` as an image folder, a file list (.txt), or a folder/glob of .tar shards (kind auto|folder|
-    filelist|tar; auto guesses from what is on disk)."""
+    filelist|tar; auto guesses from what is on disk). Tar shards are read through the shard index stored beside
+    them (built at first use with `index_workers` processes if missing), each process keeping at most
+    `max_open_shards` shards open."""
     path = str(path)
     if kind == "auto":
         kind = _detect_kind(path)
@@ -328,5 +413,5 @@ def build_dataset(path: str, kind: str = "auto") -> ImageDataset:
             raise FileNotFoundError(f"file list {path} does not exist")
         return FileListDataset(path)
     if kind == "tar":
-        return TarShardDataset(_tar_shards(path))
+        return _indexed_shards(path, max_open_shards, index_workers)
     raise ValueError(f"unknown dataset kind {kind!r}: expected auto, folder, filelist or tar")

@@ -6,7 +6,8 @@ A batch (per rank, b samples, L local crops) is a dict:
   masks        (2b, N) bool          iBOT masks of the global crops, N = (G / patch_size)^2
   sample_ids   (b, 2) long           (pass, dataset index) of the image each sample shows
   labels       (b,) long             -1 when the dataset is unlabeled
-  num_broken   int                   distinct broken files the producing process has skipped so far
+  num_broken   int                   distinct broken files this rank's loader has met so far (over its workers;
+                                     SSLLoader.broken.sync() gives the run's count over ranks)
 
 Everything random about a sample derives from (train.seed, pass, index), so a sample is bitwise the same whatever
 the number of ranks or workers, and `state_dict()` (the stream position after the last batch the training loop
@@ -21,11 +22,15 @@ import signal
 from typing import Any, Iterator
 
 import torch
+import torch.distributed as tdist
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from dinospec.data.augment import MultiCropAugmentation
-from dinospec.data.datasets import BrokenImage, ImageDataset, build_dataset
+from dinospec.data.broken import BrokenFiles, Report
+from dinospec.data.datasets import BrokenImage, ConcatImages, ImageDataset, build_dataset
 from dinospec.data.masking import SampleMasker
+from dinospec.data.order import FeistelOrder, MixtureStream, RandpermOrder, ShardWindowOrder, SourceStream
 from dinospec.data.sampler import SampleId, ShardedStreamSampler, derive_seed
 
 log = logging.getLogger(__name__)
@@ -35,9 +40,10 @@ MAX_SUBSTITUTE_TRIES = 100
 class MultiCropSamples(Dataset):
     """Map-style dataset keyed by sample id (pass, index): one sample's views, masks and label.
 
-    A broken file is counted and logged once (per process) and replaced by a substitute image chosen
-    deterministically from (seed, pass, index, try); the views keep the random stream of the slot being filled, so
-    a substitute never repeats the views its own slot gets.
+    A broken file is replaced by a substitute image chosen deterministically from (seed, pass, index, try); the
+    views keep the random stream of the slot being filled, so a substitute never repeats the views its own slot
+    gets. Each process skips the files it already knows to be broken and reports each one once (the sample's
+    "broken" list); counting and logging over workers and ranks is the loader's (dinospec.data.broken).
     """
 
     def __init__(self, images: ImageDataset, augment: MultiCropAugmentation, masker: SampleMasker, seed: int):
@@ -46,32 +52,51 @@ class MultiCropSamples(Dataset):
         self.masker = masker
         self.seed = seed
         self.broken: set[int] = set()  # per process (each worker has its own copy)
+        self._reported: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def _load(self, pass_index: int, index: int):
+    def _load(self, pass_index: int, index: int, first: Image.Image | BrokenImage | None,
+              reports: list[Report]) -> tuple[int, Image.Image]:
         candidate = index
         for attempt in range(1, MAX_SUBSTITUTE_TRIES + 1):
             if candidate not in self.broken:
+                result = first if attempt == 1 and first is not None else None
                 try:
-                    return candidate, self.images.load(candidate)
+                    if result is None:
+                        result = self.images.load(candidate)
+                    if isinstance(result, BrokenImage):
+                        raise result
+                    return candidate, result
                 except BrokenImage as e:
                     self.broken.add(candidate)
-                    log.warning("skipping broken image %s (%s); %d broken so far", e.path, e.reason,
-                                len(self.broken))
+                    if e.path not in self._reported:
+                        self._reported.add(e.path)
+                        reports.append((e.path, e.reason))
             candidate = derive_seed(self.seed, pass_index, index, "substitute", attempt) % len(self.images)
         raise RuntimeError(f"no decodable image found in {MAX_SUBSTITUTE_TRIES} tries around sample {index} "
                            f"({len(self.broken)} broken files seen); is the dataset mostly broken?")
 
-    def __getitem__(self, sample_id: SampleId) -> dict[str, Any]:
+    def _sample(self, sample_id: SampleId, first: Image.Image | BrokenImage | None) -> dict[str, Any]:
         pass_index, index = sample_id
-        used, image = self._load(pass_index, index)
+        reports: list[Report] = []
+        used, image = self._load(pass_index, index, first, reports)
         global_views, local_views = self.augment(image, random.Random(derive_seed(self.seed, pass_index, index,
                                                                                   "augment")))
         masks = self.masker(random.Random(derive_seed(self.seed, pass_index, index, "mask")))
         return {"global_crops": global_views, "local_crops": local_views, "masks": masks,
-                "sample_id": (pass_index, used), "label": self.images.label(used), "num_broken": len(self.broken)}
+                "sample_id": (pass_index, used), "label": self.images.label(used), "broken": reports}
+
+    def __getitem__(self, sample_id: SampleId) -> dict[str, Any]:
+        return self._sample(sample_id, None)
+
+    def __getitems__(self, sample_ids: list[SampleId]) -> list[dict[str, Any]]:
+        """A batch: its images read together (tar shards: in file order), then each sample as __getitem__."""
+        wanted = [i for _, i in sample_ids]
+        firsts = self.images.load_many([i for i in wanted if i not in self.broken])
+        preloaded = dict(zip((i for i in wanted if i not in self.broken), firsts))
+        return [self._sample((p, i), preloaded.get(i)) for p, i in sample_ids]
 
 
 def collate_multicrop(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -86,7 +111,7 @@ def collate_multicrop(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "masks": masks,
         "sample_ids": torch.tensor([s["sample_id"] for s in samples], dtype=torch.long),  # (b, 2)
         "labels": torch.tensor([s["label"] for s in samples], dtype=torch.long),
-        "num_broken": max(s["num_broken"] for s in samples),
+        "broken": [report for s in samples for report in s["broken"]],
     }
 
 
@@ -111,6 +136,7 @@ class SSLLoader:
                  pin_memory: bool = False):
         self.samples = samples
         self.sampler = sampler
+        self.broken = BrokenFiles()
         self._position = sampler.position
         self._loader = DataLoader(samples, batch_sampler=sampler, num_workers=num_workers,
                                   collate_fn=collate_multicrop, pin_memory=pin_memory,
@@ -126,8 +152,13 @@ class SSLLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self.sampler.position = self._position
+        alone = not (tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1)
         for batch in self._loader:
             self._position += self.sampler.global_batch_size
+            self.broken.add(batch.pop("broken"))
+            if alone:  # no other rank to merge with: log new broken files as they come
+                self.broken.sync()
+            batch["num_broken"] = self.broken.local_count()
             yield batch
 
     def state_dict(self) -> dict[str, int]:
@@ -142,17 +173,54 @@ class SSLLoader:
         self._position = int(state["position"])
 
 
+def _order(images: ImageDataset, name: str, seed: int, window: int):
+    """The per-pass order `name` (auto: shard windows for tar shards, today's randperm otherwise)."""
+    counts = getattr(images, "shard_counts", None)
+    if name == "auto":
+        name = "shard_window" if counts is not None else "randperm"
+    if name == "shard_window":
+        if counts is None:
+            raise ValueError(f"data.order=shard_window needs tar shards; {type(images).__name__} has none "
+                             f"(use randperm or feistel)")
+        return ShardWindowOrder(counts, seed, window)
+    if name == "feistel":
+        return FeistelOrder(len(images), seed)
+    return RandpermOrder(len(images), seed)
+
+
+def build_images_and_stream(data_cfg, seed: int) -> tuple[ImageDataset, SourceStream | MixtureStream]:
+    """The dataset (one source, or the sources of `data.sources` laid end to end) and its sample stream.
+
+    One source keeps today's seeds, so data.order=randperm reproduces earlier runs exactly; source k of a mixture
+    draws its order from derive_seed(seed, "source", k).
+    """
+    def open_source(path: str, kind: str) -> ImageDataset:
+        return build_dataset(path, kind, max_open_shards=data_cfg.max_open_shards,
+                             index_workers=data_cfg.index_workers)
+
+    sources = list(data_cfg.get("sources") or [])
+    if not sources:
+        images = open_source(data_cfg.path, data_cfg.kind)
+        return images, SourceStream(_order(images, data_cfg.order, seed, data_cfg.window_shards))
+    parts = [open_source(src.path, src.get("kind", "auto")) for src in sources]
+    streams = [SourceStream(_order(part, data_cfg.order, derive_seed(seed, "source", k), data_cfg.window_shards))
+               for k, part in enumerate(parts)]
+    return ConcatImages(parts), MixtureStream(streams, [float(src.get("weight", 1.0)) for src in sources], seed)
+
+
 def build_ssl_loader(cfg, rank: int = 0, world_size: int = 1, start_step: int = 0) -> SSLLoader:
     """The rank's loader for run config `cfg` (data.*, crops.*, ibot.*, student.patch_size, train.*), starting at
     global step `start_step`."""
-    images = build_dataset(cfg.data.path, cfg.data.kind)
+    images, stream = build_images_and_stream(cfg.data, cfg.train.seed)
     grid = cfg.crops.global_crops_size // cfg.student.patch_size
     masker = SampleMasker((grid, grid), cfg.ibot.mask_sample_probability, tuple(cfg.ibot.mask_ratio_min_max))
     samples = MultiCropSamples(images, MultiCropAugmentation.from_config(cfg.crops), masker, cfg.train.seed)
     b = cfg.train.batch_size_per_gpu
     sampler = ShardedStreamSampler(len(images), b, rank, world_size, cfg.train.seed,
-                                   position=start_step * b * world_size)
-    log.info("data: %d images from %s (%s), %d classes; rank %d/%d takes %d per step", len(images),
-             cfg.data.path, type(images).__name__, len(images.classes), rank, world_size, b)
+                                   position=start_step * b * world_size, stream=stream)
+    what = ", ".join(f"{s.path} (weight {s.get('weight', 1.0)})" for s in cfg.data.sources) if cfg.data.get(
+        "sources") else cfg.data.path
+    log.info("data: %d images from %s (%s, order %s), %d classes; rank %d/%d takes %d per step", len(images),
+             what, type(images).__name__, cfg.data.order, len(images.classes), rank, world_size, b)
     pin = bool(cfg.data.pin_memory) and torch.cuda.is_available()
     return SSLLoader(samples, sampler, num_workers=cfg.data.num_workers, pin_memory=pin)
