@@ -54,6 +54,24 @@ class StudentConfig:
     interpolate_offset: float = 0.1
     """DINOv2's offset when interpolating position embeddings to another grid."""
     interpolate_antialias: bool = False
+    pos_embed: str = "learned"
+    """learned: a pos_embed parameter added to the tokens, interpolated for other grids (DINOv2) | rope: rotary
+    positions of the patch tokens inside attention, nothing learned or interpolated (DINOv3)."""
+    rope_base: Optional[float] = 100.0
+    """RoPE periods base ** (j / (head_dim/4)), j = 0..head_dim/4-1 (DINOv3: 100)."""
+    rope_min_period: Optional[float] = None
+    """With rope_max_period: periods geometric from min to max (both included) instead of from the base."""
+    rope_max_period: Optional[float] = None
+    rope_normalize_coords: str = "separate"
+    """Patch centres into (-1, 1): separate (each axis by its own length) | max | min (both by max/min(H, W))."""
+    rope_shift_coords: Optional[float] = None
+    """Training only: add uniform [-s, s] per axis to the coordinates (null = off)."""
+    rope_jitter_coords: Optional[float] = None
+    """Training only: scale each axis by its own log-uniform factor in [1/j, j] (null = off)."""
+    rope_rescale_coords: Optional[float] = None
+    """Training only: scale both axes by one log-uniform factor in [1/r, r] (null = off; DINOv3 ViT-S/16: 2)."""
+    norm_eps: float = 1.0e-6
+    """eps of every LayerNorm (DINOv2: 1e-6, DINOv3: 1e-5)."""
     pretrained_weights: Optional[str] = None
     """A dinospec export dir or a DINOv2-format checkpoint to initialise student and teacher backbones from."""
 
@@ -366,6 +384,8 @@ _CHOICES = {
     "data.order": ("auto", "randperm", "feistel", "shard_window"),
     "train.nonfinite": ("stop", "skip"),
     "compute.device": ("auto", "cpu", "cuda"),
+    "student.pos_embed": ("learned", "rope"),
+    "student.rope_normalize_coords": ("separate", "max", "min"),
     "compute.precision": ("auto", "fp32", "bf16"),
     "compute.strategy": ("auto", "fsdp", "ddp", "none"),
     "logging.wandb.mode": ("online", "offline"),
@@ -388,6 +408,15 @@ def validate(cfg: DictConfig) -> None:
         resolve_spec(cfg.spec, kw["depth"])
     except (SpecError, KeyError, ValueError) as e:
         raise ConfigError(str(e)) from None
+    if cfg.student.pos_embed == "rope":
+        from dinospec.models.rope_config import check_rope_settings, rope_settings  # torch-free
+
+        try:  # head dim divisible by 4, base or min/max period, augmentation ranges
+            check_rope_settings(kw["embed_dim"] // kw["num_heads"], **rope_settings(cfg.student))
+        except ValueError as e:
+            raise ConfigError(f"student.rope_*: {e}") from None
+    if not cfg.student.norm_eps > 0:
+        raise ConfigError(f"config key 'student.norm_eps' = {cfg.student.norm_eps} must be > 0")
     for name in ("global_crops_scale", "local_crops_scale"):
         lo, hi = cfg.crops[name]
         if not 0 < lo <= hi <= 1:

@@ -30,7 +30,9 @@ from dinospec.weights import CONFIG_FILE, WEIGHTS_FILE, WeightsError, timm_model
 FORMAT_VERSION = 1
 # the student keys build_backbone reads besides the arch sizes; pretrained_weights / drop_path_rate are training-only
 _STUDENT_KEYS = ("arch", "patch_size", "mlp_ratio", "num_register_tokens", "layerscale", "qkv_bias", "proj_bias",
-                 "ffn_bias", "attn_backend", "interpolate_offset", "interpolate_antialias")
+                 "ffn_bias", "attn_backend", "interpolate_offset", "interpolate_antialias", "pos_embed",
+                 "rope_base", "rope_min_period", "rope_max_period", "rope_normalize_coords", "rope_shift_coords",
+                 "rope_jitter_coords", "rope_rescale_coords", "norm_eps")
 
 
 class ExportError(ValueError):
@@ -105,7 +107,7 @@ def export_config(student: Mapping[str, Any], spec: Mapping[str, Any], img_size:
                   source: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """config.json: every size resolved, so the backbone rebuilds without the run's config or dinospec's presets."""
     student = _plain(student)
-    resolved = {key: student[key] for key in _STUDENT_KEYS}
+    resolved = {key: student[key] for key in _STUDENT_KEYS if key in student}  # older exports lack newer keys
     resolved.update(arch_kwargs(student), drop_path_rate=0.0)
     return {"format": "dinospec", "format_version": FORMAT_VERSION, "dinospec_version": _version(),
             "student": resolved, "img_size": img_size, "spec": _plain(spec), "source": _plain(source or {})}
@@ -149,7 +151,7 @@ def save_backbone(model: VisionTransformer, out_dir: str | Path, student: Mappin
                   spec: Mapping[str, Any], source: Mapping[str, Any] | None = None, fmt: str = "dinospec",
                   force: bool = False) -> Path:
     """Export a plain (unwrapped) `model`, built from the `student` and `spec` sections, as dinospec or timm weights."""
-    img_size = math.isqrt(model.pos_embed.shape[1] - 1) * model.patch_size
+    img_size = native_img_size(model)
     config = export_config(student, spec, img_size, source)
     state = model.state_dict()
     with torch.device("meta"):  # what load_backbone will build from config.json must fit these weights
@@ -159,6 +161,9 @@ def save_backbone(model: VisionTransformer, out_dir: str | Path, student: Mappin
     if wrong:
         raise ExportError(f"the model does not match the student/spec sections given (e.g. {sorted(wrong)[:3]})")
     if fmt == "timm":
+        if model.pos_embed is None:
+            raise ExportError("--format timm needs a learned pos_embed; this backbone uses RoPE "
+                              "(export it with --format dinospec)")
         try:
             vanilla = routed_to_vanilla(state, model)
         except SpecError as e:
@@ -173,6 +178,13 @@ def save_backbone(model: VisionTransformer, out_dir: str | Path, student: Mappin
     out_dir = Path(out_dir).resolve()
     readme = f"# dinospec backbone export\n\n```python\n{usage(out_dir, config)}```\n"
     return _write_dir(out_dir, state, config, readme, force)
+
+
+def native_img_size(model: VisionTransformer) -> int:
+    """The image size the backbone's position grid was learned for (RoPE has none: the size it was built with)."""
+    if model.pos_embed is None:
+        return model.img_size
+    return math.isqrt(model.pos_embed.shape[1] - 1) * model.patch_size
 
 
 def read_export_config(path: str | Path) -> dict[str, Any]:
@@ -217,9 +229,12 @@ def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None
     step_dir = resolve_step_dir(run_dir, step)
     cfg = _step_config(step_dir)
     state = read_backbone_state(step_dir, which)
-    if "pos_embed" not in state:
+    if "pos_embed" in state:
+        img_size = math.isqrt(state["pos_embed"].shape[1] - 1) * cfg.student.patch_size
+    elif cfg.student.pos_embed == "rope":
+        img_size = cfg.crops.global_crops_size
+    else:
         raise ExportError(f"{step_dir}: the {which} backbone has no pos_embed")
-    img_size = math.isqrt(state["pos_embed"].shape[1] - 1) * cfg.student.patch_size
     with torch.device("meta"):
         model = build_backbone(cfg.student, cfg.spec, img_size=img_size)
     try:

@@ -3,6 +3,7 @@
 Parameter names follow DINOv2 / timm (``cls_token, register_tokens, pos_embed, mask_token, patch_embed.proj,
 blocks.i.{norm1, attn.qkv, attn.proj, ls1.gamma, norm2, mlp.fc1, mlp.fc2 | mlp.w12, mlp.w3, ls2.gamma}, norm``);
 a routed slot adds a group index (``blocks.0.norm1.1.weight``). Which slots are routed comes from a ResolvedSpec.
+Position: a learned ``pos_embed`` added to the tokens (DINOv2), or RoPE inside attention (DINOv3; no pos_embed).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import stochastic_depth
 
+from dinospec.models.rope import RopePositions, RopeTables, apply_rope
+from dinospec.models.rope_config import rope_settings
 from dinospec.models.routed import Routing, make_slot, route
 from dinospec.models.specialize import ResolvedSpec, resolve_spec, vanilla_spec
 
@@ -41,6 +44,9 @@ def arch_kwargs(student: Mapping[str, Any]) -> dict[str, Any]:
     if kw["embed_dim"] % kw["num_heads"]:
         raise ValueError(f"embed_dim {kw['embed_dim']} is not divisible by num_heads {kw['num_heads']}")
     return kw
+
+
+POS_EMBEDS = ("learned", "rope")
 
 
 class PatchEmbed(nn.Module):
@@ -156,10 +162,12 @@ class Attention(nn.Module):
             _xformers_attention if backend == "xformers" else F.scaled_dot_product_attention
         )
 
-    def forward(self, x: Tensor, routing: Routing) -> Tensor:
+    def forward(self, x: Tensor, routing: Routing, rope: RopeTables | None = None) -> Tensor:
         b, n, c = x.shape
         qkv = route(self.qkv, x, routing).reshape(b, n, 3, self.num_heads, c // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, d)
+        if rope is not None:  # rotates the patch tokens only: the tables cover the last num_patches positions
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         x = self.attend(q, k, v).transpose(1, 2).reshape(b, n, c)  # (B, H, N, d) -> (B, N, C)
         return route(self.proj, x, routing)
 
@@ -170,9 +178,9 @@ class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, ffn_layer: str, drop_path: float,
                  layerscale: float | None, groups: Callable[[str], int], qkv_bias: bool = True,
                  proj_bias: bool = True, ffn_bias: bool = True, attn_backend: str = "sdpa",
-                 drop_path_mode: str = "auto"):
+                 drop_path_mode: str = "auto", norm_eps: float = 1e-6):
         super().__init__()
-        norm = partial(LayerNorm, dim, eps=1e-6)
+        norm = partial(LayerNorm, dim, eps=norm_eps)
         ffn = FFN_LAYERS[ffn_layer]
         self.norm1 = make_slot(norm, groups("norm1"))
         self.attn = Attention(dim, num_heads, groups("qkv"), groups("proj"), qkv_bias, proj_bias, attn_backend)
@@ -186,23 +194,25 @@ class Block(nn.Module):
         # DINOv2 switches to the subset trick above 0.1, where the saved compute outweighs the gather / index_add
         self.drop_path_mode = ("subset" if drop_path > 0.1 else "row") if drop_path_mode == "auto" else drop_path_mode
 
-    def _attn_branch(self, x: Tensor, routing: Routing) -> Tensor:
-        return route(self.ls1, self.attn(route(self.norm1, x, routing), routing), routing)
+    def _attn_branch(self, x: Tensor, routing: Routing, rope: RopeTables | None = None) -> Tensor:
+        return route(self.ls1, self.attn(route(self.norm1, x, routing), routing, rope), routing)
 
     def _ffn_branch(self, x: Tensor, routing: Routing) -> Tensor:
         return route(self.ls2, route(self.mlp, route(self.norm2, x, routing), routing), routing)
 
-    def _add(self, x: Tensor, branch: Callable[[Tensor, Routing], Tensor], routing: Routing) -> Tensor:
+    def _add(self, x: Tensor, branch: Callable[[Tensor], Tensor]) -> Tensor:
         """x + branch(x) with stochastic depth in training (the student only; the teacher is in eval mode)."""
         if not (self.training and self.drop_path > 0):
-            return x + branch(x, routing)
+            return x + branch(x)
         if self.drop_path_mode == "subset":
-            return add_residual_of_subset(x, partial(branch, routing=routing), self.drop_path)
-        return x + stochastic_depth(branch(x, routing), self.drop_path, "row", True)
+            return add_residual_of_subset(x, branch, self.drop_path)
+        return x + stochastic_depth(branch(x), self.drop_path, "row", True)
 
-    def forward(self, x: Tensor, routing: Routing) -> Tensor:
-        x = self._add(x, self._attn_branch, routing)
-        return self._add(x, self._ffn_branch, routing)
+    def forward(self, x: Tensor, routing: Routing, rope: RopeTables | None = None) -> Tensor:
+        """`rope`: the sin/cos tables of the patch grid when the model uses RoPE (no batch dimension, so the
+        batch-subset drop path needs nothing else)."""
+        x = self._add(x, partial(self._attn_branch, routing=routing, rope=rope))
+        return self._add(x, partial(self._ffn_branch, routing=routing))
 
 
 def add_residual_of_subset(x: Tensor, branch: Callable[[Tensor], Tensor], drop_rate: float) -> Tensor:
@@ -225,8 +235,15 @@ class VisionTransformer(nn.Module):
                  drop_path_rate: float = 0.0, drop_path_mode: str = "auto", layerscale: float | None = 1e-5,
                  qkv_bias: bool = True, proj_bias: bool = True, ffn_bias: bool = True, attn_backend: str = "sdpa",
                  interpolate_offset: float = 0.1, interpolate_antialias: bool = False,
+                 pos_embed: str = "learned", rope: Mapping[str, Any] | None = None, norm_eps: float = 1e-6,
                  spec: ResolvedSpec | None = None):
+        """`pos_embed`: "learned" (DINOv2: a pos_embed parameter, interpolated to other grids) or "rope" (DINOv3:
+        rotary positions in attention, no pos_embed); `rope`: RopePositions' settings (base, min_period, max_period,
+        normalize_coords, shift_coords, jitter_coords, rescale_coords). `norm_eps`: every LayerNorm's eps (DINOv2
+        1e-6, DINOv3 1e-5)."""
         super().__init__()
+        if pos_embed not in POS_EMBEDS:
+            raise ValueError(f"pos_embed {pos_embed!r} is not one of {POS_EMBEDS}")
         self.spec = spec or vanilla_spec()
         self.img_size, self.patch_size = img_size, patch_size
         self.embed_dim = self.num_features = embed_dim
@@ -236,22 +253,29 @@ class VisionTransformer(nn.Module):
 
         self.patch_embed = PatchEmbed(patch_size, 3, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim))
+        if pos_embed == "learned":
+            self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim))
+            self.rope_embed = None
+        else:
+            self.pos_embed = None
+            self.rope_embed = RopePositions(embed_dim // num_heads, **(rope or {}))
         self.register_tokens = nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) \
             if num_register_tokens else None
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, ffn_layer, drop_path_rate, layerscale,
-                  partial(self.spec.groups_for, block=i), qkv_bias, proj_bias, ffn_bias, attn_backend, drop_path_mode)
+                  partial(self.spec.groups_for, block=i), qkv_bias, proj_bias, ffn_bias, attn_backend, drop_path_mode,
+                  norm_eps)
             for i in range(depth)
         )
-        self.norm = make_slot(partial(LayerNorm, embed_dim, eps=1e-6),
+        self.norm = make_slot(partial(LayerNorm, embed_dim, eps=norm_eps),
                               self.spec.num_groups if self.spec.final_norm else 1)
         self.init_weights()
 
     def init_weights(self) -> None:
         """DINOv2's init: truncated-normal linears and position embedding, near-zero tokens."""
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.pos_embed is not None:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
         if self.register_tokens is not None:
             nn.init.normal_(self.register_tokens, std=1e-6)
@@ -261,26 +285,26 @@ class VisionTransformer(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patches: [CLS] and the registers (DINOv3's storage tokens)."""
+        return 1 + self.num_register_tokens
+
     def routing(self, num_patches: int) -> Routing:
         return Routing.build(self.spec.group_of_type, self.num_register_tokens, num_patches)
 
     def interpolate_pos_encoding(self, h: int, w: int) -> Tensor:
         """Position embedding for an h x w image: the learned grid resized bicubically (as DINOv2)."""
-        pos = self.pos_embed
-        n = pos.shape[1] - 1
-        gh, gw = h // self.patch_size, w // self.patch_size
-        if gh * gw == n and gh == gw:
-            return pos
-        m = int(math.sqrt(n))
-        patch_pos = pos[:, 1:].reshape(1, m, m, -1).permute(0, 3, 1, 2).float()  # (1, D, M, M)
-        if self.interpolate_offset:
-            sx, sy = (gw + self.interpolate_offset) / m, (gh + self.interpolate_offset) / m
-            patch_pos = F.interpolate(patch_pos, scale_factor=(sy, sx), mode="bicubic",
-                                      antialias=self.interpolate_antialias)
-        else:
-            patch_pos = F.interpolate(patch_pos, size=(gh, gw), mode="bicubic", antialias=self.interpolate_antialias)
-        patch_pos = patch_pos.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, gh * gw, -1)
-        return torch.cat([pos[:, :1], patch_pos], dim=1)
+        if self.pos_embed is None:
+            raise RuntimeError("this backbone uses RoPE (student.pos_embed=rope): it has no pos_embed to interpolate")
+        return interpolate_pos_embed(self.pos_embed, h // self.patch_size, w // self.patch_size,
+                                     self.interpolate_offset, self.interpolate_antialias)
+
+    def rope_tables(self, h: int, w: int, device: torch.device) -> RopeTables | None:
+        """RoPE's sin/cos for an h x w image (None with a learned pos_embed); coordinates augmented in training."""
+        if self.rope_embed is None:
+            return None
+        return self.rope_embed(h // self.patch_size, w // self.patch_size, device)
 
     def prepare_tokens(self, x: Tensor, masks: Tensor | None = None) -> Tensor:
         """(B, 3, H, W) -> (B, 1 + R + N, D): patches (masked ones replaced by the mask token), cls, pos, registers."""
@@ -289,27 +313,29 @@ class VisionTransformer(nn.Module):
         if masks is not None:
             x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype).unsqueeze(0), x)
         x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1)
-        x = x + self.interpolate_pos_encoding(h, w)
+        if self.pos_embed is not None:
+            x = x + self.interpolate_pos_encoding(h, w)
         if self.register_tokens is not None:
             x = torch.cat([x[:, :1], self.register_tokens.expand(b, -1, -1), x[:, 1:]], dim=1)
         return x
 
-    def run_blocks(self, x: Tensor, routing: Routing) -> Tensor:
+    def run_blocks(self, x: Tensor, routing: Routing, rope: RopeTables | None = None) -> Tensor:
         for block in self.blocks:
-            x = block(x, routing)
+            x = block(x, routing, rope)
         return x
 
     def forward_features(self, x: Tensor, masks: Tensor | None = None) -> dict[str, Tensor | None]:
         """DINOv2's output dict: normalised cls / register / patch tokens, the pre-norm sequence and the masks."""
+        rope = self.rope_tables(x.shape[-2], x.shape[-1], x.device)
         x = self.prepare_tokens(x, masks)
-        routing = self.routing(x.shape[1] - 1 - self.num_register_tokens)
-        x = self.run_blocks(x, routing)
+        routing = self.routing(x.shape[1] - self.num_prefix_tokens)
+        x = self.run_blocks(x, routing, rope)
         x_norm = route(self.norm, x, routing)
-        r = self.num_register_tokens
+        p = self.num_prefix_tokens
         return {
             "x_norm_clstoken": x_norm[:, 0],
-            "x_norm_regtokens": x_norm[:, 1 : r + 1],
-            "x_norm_patchtokens": x_norm[:, r + 1 :],
+            "x_norm_regtokens": x_norm[:, 1:p],
+            "x_norm_patchtokens": x_norm[:, p:],
             "x_prenorm": x,
             "masks": masks,
         }
@@ -318,31 +344,63 @@ class VisionTransformer(nn.Module):
         return self.forward_features(x)["x_norm_clstoken"]
 
     def get_intermediate_layers(self, x: Tensor, n: int | list[int] = 1, reshape: bool = False,
-                                return_class_token: bool = False, norm: bool = True) -> tuple:
-        """Outputs of the last n blocks (or of the listed block indices), as DINOv2's method of the same name."""
+                                return_class_token: bool = False, norm: bool = True,
+                                return_extra_tokens: bool = False) -> tuple:
+        """Outputs of the last n blocks (or of the listed block indices), as DINOv2's method of the same name.
+
+        Per block: the patch tokens, then (return_class_token) the [CLS] token, then (return_extra_tokens, as
+        DINOv3) the register tokens; a bare tensor when only the patch tokens are asked for.
+        """
         b, _, h, w = x.shape
+        rope = self.rope_tables(h, w, x.device)
         x = self.prepare_tokens(x)
-        routing = self.routing(x.shape[1] - 1 - self.num_register_tokens)
+        routing = self.routing(x.shape[1] - self.num_prefix_tokens)
         wanted = set(range(len(self.blocks) - n, len(self.blocks))) if isinstance(n, int) else set(n)
         outputs = []
         for i, block in enumerate(self.blocks):
-            x = block(x, routing)
+            x = block(x, routing, rope)
             if i in wanted:
                 outputs.append(route(self.norm, x, routing) if norm else x)
-        r = self.num_register_tokens
-        cls = [o[:, 0] for o in outputs]
-        patches = [o[:, 1 + r :] for o in outputs]
+        p = self.num_prefix_tokens
+        patches = [o[:, p:] for o in outputs]
         if reshape:
             gh, gw = h // self.patch_size, w // self.patch_size
-            patches = [p.reshape(b, gh, gw, -1).permute(0, 3, 1, 2).contiguous() for p in patches]
-        return tuple(zip(patches, cls)) if return_class_token else tuple(patches)
+            patches = [t.reshape(b, gh, gw, -1).permute(0, 3, 1, 2).contiguous() for t in patches]
+        parts = [patches]
+        if return_class_token:
+            parts.append([o[:, 0] for o in outputs])
+        if return_extra_tokens:
+            parts.append([o[:, 1:p] for o in outputs])
+        return tuple(zip(*parts)) if len(parts) > 1 else tuple(patches)
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token", "register_tokens", "mask_token"}
 
 
+def interpolate_pos_embed(pos: Tensor, gh: int, gw: int, offset: float, antialias: bool) -> Tensor:
+    """A learned (1, 1 + M*M, D) position embedding for a gh x gw patch grid: the patch grid resized bicubically,
+    DINOv2's way (scale factors (g + offset) / M when offset is set, else the target size). The one resizer: the
+    forward pass and the resizing of loaded weights both use it, so a resized checkpoint computes what the
+    checkpoint computes at runtime."""
+    n = pos.shape[1] - 1
+    if gh * gw == n and gh == gw:
+        return pos
+    m = math.isqrt(n)
+    if m * m != n:
+        raise ValueError(f"pos_embed {tuple(pos.shape)}: only a square position grid can be resized")
+    patch_pos = pos[:, 1:].reshape(1, m, m, -1).permute(0, 3, 1, 2).float()  # (1, D, M, M)
+    if offset:
+        sx, sy = (gw + offset) / m, (gh + offset) / m
+        patch_pos = F.interpolate(patch_pos, scale_factor=(sy, sx), mode="bicubic", antialias=antialias)
+    else:
+        patch_pos = F.interpolate(patch_pos, size=(gh, gw), mode="bicubic", antialias=antialias)
+    patch_pos = patch_pos.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, gh * gw, -1)  # (1, gh*gw, D)
+    return torch.cat([pos[:, :1], patch_pos], dim=1)
+
+
 def build_backbone(student: Mapping[str, Any], spec: Mapping[str, Any], img_size: int = 224) -> VisionTransformer:
-    """The backbone a run's config describes (`student` and `spec` sections)."""
+    """The backbone a run's config describes (`student` and `spec` sections). Keys added after an export was
+    written (pos_embed, rope_*, norm_eps) default to what the export was built with."""
     kw = arch_kwargs(student)
     return VisionTransformer(
         img_size=img_size,
@@ -358,6 +416,9 @@ def build_backbone(student: Mapping[str, Any], spec: Mapping[str, Any], img_size
         attn_backend=student["attn_backend"],
         interpolate_offset=student["interpolate_offset"],
         interpolate_antialias=student["interpolate_antialias"],
+        pos_embed=student.get("pos_embed", "learned"),
+        rope=rope_settings(student),
+        norm_eps=student.get("norm_eps", 1e-6),
         spec=resolve_spec(spec, kw["depth"]),
         **kw,
     )
