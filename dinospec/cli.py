@@ -39,6 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("dinospec.export", "export a run's teacher backbone as safetensors + config.json"),
     "eval": ("dinospec.eval.cli", "k-NN, linear or segmentation-probe evaluation of a frozen backbone"),
     "analyze": ("dinospec.analysis", "the paper's token-type analyses and PCA pictures of a backbone"),
+    "index": ("dinospec.data.index_cmd", "index a directory of tar shards once (start-up then reads the index)"),
 }
 
 

@@ -1,9 +1,11 @@
-"""Data pipeline for pretraining: datasets (folder, file list, tar shards), DINOv2 multi-crop augmentation, iBOT
-block masks, the sharded resumable sample stream and the loader that ties them together."""
+"""Data pipeline for pretraining: datasets (folder, file list, indexed tar shards, mixtures), DINOv2 multi-crop
+augmentation, iBOT block masks, per-position sample orders, the sharded resumable sample stream and the loader that
+ties them together."""
 
 from dinospec.data.augment import BLUR_PROBABILITIES, MultiCropAugmentation
 from dinospec.data.datasets import (
     BrokenImage,
+    ConcatImages,
     FileListDataset,
     FolderDataset,
     ImageDataset,
@@ -13,12 +15,25 @@ from dinospec.data.datasets import (
 )
 from dinospec.data.loader import MultiCropSamples, SSLLoader, build_ssl_loader, collate_multicrop
 from dinospec.data.masking import BlockMaskGenerator, SampleMasker
+from dinospec.data.order import FeistelOrder, MixtureStream, RandpermOrder, ShardWindowOrder, SourceStream
 from dinospec.data.sampler import ShardedStreamSampler, derive_seed, pass_permutation
+from dinospec.data.shard_index import ShardIndex, build_index, open_index
+from dinospec.data.shards import IndexedTarDataset
 
 __all__ = [
     "BLUR_PROBABILITIES",
     "BlockMaskGenerator",
     "BrokenImage",
+    "ConcatImages",
+    "FeistelOrder",
+    "IndexedTarDataset",
+    "MixtureStream",
+    "RandpermOrder",
+    "ShardIndex",
+    "ShardWindowOrder",
+    "SourceStream",
+    "build_index",
+    "open_index",
     "FileListDataset",
     "FolderDataset",
     "ImageDataset",
