@@ -1,10 +1,13 @@
-"""Backbone weights written elsewhere, made into dinospec's: DINOv2 checkpoints in, timm's key format out.
+"""Backbone weights written elsewhere, made into dinospec's: DINOv2 / DINOv3 checkpoints in, timm's key format out.
 
 dinospec's vanilla parameter names are DINOv2's, so importing DINOv2 weights is mostly unwrapping (training
 checkpoints nest the backbone under ``teacher`` / ``model`` and ``backbone.`` prefixes; FSDP ``block_chunks`` add
-a chunk index). :func:`load_pretrained_backbone` then maps any vanilla or routed state onto any (vanilla or routed)
-model: a shared layer is copied into every token group, so a specialised model starts out computing exactly what
-the pretrained vanilla one did. Pickles are read with ``weights_only=True`` and nothing else.
+a chunk index). DINOv3 backbones differ by a few names and buffers (see :func:`convert_dinov3_state_dict`).
+:func:`load_pretrained_backbone` then maps any vanilla or routed state onto any (vanilla or routed) model: a shared
+layer is copied into every token group, so a specialised model starts out computing exactly what the pretrained one
+did. The checkpoint's family (DINOv2 with or without registers, DINOv3) is read from its keys, and a model whose
+settings would compute something else from these weights (interpolation, RoPE, norm eps) is refused with the
+settings to use. Pickles are read with ``weights_only=True`` and nothing else.
 """
 
 from __future__ import annotations
@@ -13,16 +16,17 @@ import json
 import math
 import pickle
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
+from dinospec.models.rope import rope_periods
 from dinospec.models.routed import TokenRouted
 from dinospec.models.specialize import resolve_groups, routed_slots
-from dinospec.models.vit import SwiGLU, VisionTransformer
+from dinospec.models.vit import SwiGLU, VisionTransformer, interpolate_pos_embed
 
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 
@@ -83,11 +87,195 @@ def convert_dinov2_state_dict(state: Mapping[str, Any]) -> dict[str, Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# DINOv3 key format -> dinospec
+
+DINOV3_NORM_GROUPS = (0, 0, 1)
+"""An untied DINOv3 final norm as a routed dinospec one: group 0 = [cls, registers] (cls_norm), 1 = patches (norm);
+dinospec's spec=final_norm preset."""
+_DINOV3_ONLY = re.compile(r"^(storage_tokens|rope_embed\.periods|(local_)?cls_norm\.(weight|bias)"
+                          r"|blocks\.\d+\.attn\.qkv\.bias_mask)$")
+
+
+def is_dinov3_state_dict(state: Mapping[str, Any]) -> bool:
+    """DINOv3's keys: storage tokens, the RoPE periods buffer, K-bias masks, untied class norms."""
+    return any(_DINOV3_ONLY.match(k) for k in state)
+
+
+def convert_dinov3_state_dict(state: Mapping[str, Any]) -> tuple[dict[str, Tensor], tuple[int, int, int] | None,
+                                                                  Tensor | None]:
+    """DINOv3 backbone weights -> (dinospec keys, group_of_type of the routed final norm or None, RoPE periods).
+
+    - ``storage_tokens`` are dinospec's ``register_tokens`` (same place: after [CLS], before the patches).
+    - ``attn.qkv.bias_mask`` (0 on the K third: keys get no bias) is applied to ``attn.qkv.bias`` and dropped; the
+      K bias is then stored as zeros, which computes exactly what the masked bias computed.
+    - ``cls_norm`` (untie_cls_and_patch_norms: the final norm of [CLS] and storage tokens) and ``norm`` (patches)
+      become the routed final norm ``norm.0`` / ``norm.1`` of groups [[cls, reg], [patch]].
+    - ``local_cls_norm`` is dropped: DINOv3 uses it only in training, for the local crops' class tokens; no output
+      of the backbone depends on it.
+    - ``rope_embed.periods`` is a buffer derived from the RoPE settings: returned (to check the model's settings),
+      not loaded.
+    """
+    state = _unwrap_backbone(state)
+    out: dict[str, Tensor] = {}
+    periods = state.get("rope_embed.periods")
+    for key, value in state.items():
+        if key in ("rope_embed.periods",) or key.endswith(".attn.qkv.bias_mask") or key.startswith("local_cls_norm."):
+            continue
+        if key == "storage_tokens":
+            if value.shape[1]:
+                out["register_tokens"] = value
+            continue
+        out[key] = value
+    for key, mask in state.items():
+        if key.endswith(".attn.qkv.bias_mask"):
+            bias_key = key[: -len("_mask")]
+            if bias_key in out:
+                out[bias_key] = out[bias_key] * mask.to(out[bias_key].dtype)
+    groups = None
+    if "cls_norm.weight" in out:
+        for name in ("weight", "bias"):
+            if f"cls_norm.{name}" in out:
+                out[f"norm.0.{name}"] = out.pop(f"cls_norm.{name}")
+                out[f"norm.1.{name}"] = out.pop(f"norm.{name}")
+        groups = DINOV3_NORM_GROUPS
+    return _canonical_keys(out, allow_routed=True), groups, periods
+
+
+def dinov3_rope_settings(periods: Tensor, head_dim: int | None = None) -> dict[str, Any]:
+    """student.rope_* settings that give these periods: a base (base ** (j / n)), else min/max periods."""
+    n = periods.numel()
+    p = periods.double()
+    if head_dim is not None and head_dim != 4 * n:
+        raise WeightsError(f"RoPE periods buffer has {n} entries, head dim {head_dim} needs {head_dim // 4}")
+    raw_base = float(p[-1] ** (n / (n - 1))) if n > 1 else None
+    candidates = [{"rope_base": float(round(raw_base, digits)), "rope_min_period": None, "rope_max_period": None}
+                  for digits in range(7) if raw_base is not None]  # the shortest base that gives these periods
+    candidates.append({"rope_base": None, "rope_min_period": float(p[0]), "rope_max_period": float(p[-1])})
+    for c in candidates:
+        derived = rope_periods(4 * n, c["rope_base"], c["rope_min_period"], c["rope_max_period"]).double()
+        if torch.allclose(derived, p, rtol=1e-6, atol=0):
+            return c
+    raise WeightsError(f"RoPE periods {periods.tolist()[:4]}... are neither base ** (j / {n}) nor geometric "
+                       f"between two periods: not a RoPE dinospec can rebuild")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# families: what the weights need from the model
+
+
+@dataclass
+class ImportedWeights:
+    """A backbone state in dinospec keys and what it was trained with.
+
+    `settings` are student.* values the model must have to compute what the weights computed where they came from
+    (DINOv2 with registers: antialiased pos_embed interpolation without offset; DINOv3: RoPE, LayerNorm eps 1e-5).
+    """
+
+    state: dict[str, Tensor]
+    groups: tuple[int, int, int] | None  # group_of_type of the routed slots, when known
+    family: str  # dinospec | dinov2 | dinov2_reg | dinov3
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+DINOV2_INTERPOLATION = {  # DINOv2's hub: models with registers interpolate with antialias and no offset
+    "dinov2": {"interpolate_offset": 0.1, "interpolate_antialias": False},
+    "dinov2_reg": {"interpolate_offset": 0.0, "interpolate_antialias": True},
+}
+DINOV3_SETTINGS = {"pos_embed": "rope", "rope_normalize_coords": "separate", "norm_eps": 1e-5}
+"""What DINOv3's released backbones use (besides the periods, read from the weights)."""
+
+
+def imported_dinov2(state: dict[str, Tensor]) -> ImportedWeights:
+    family = "dinov2_reg" if "register_tokens" in state else "dinov2"
+    return ImportedWeights(state, None, family, dict(DINOV2_INTERPOLATION[family]))
+
+
+def imported_dinov3(raw: Mapping[str, Any]) -> ImportedWeights:
+    state, groups, periods = convert_dinov3_state_dict(raw)
+    settings: dict[str, Any] = dict(DINOV3_SETTINGS)
+    if periods is not None:
+        settings.update(dinov3_rope_settings(periods))
+    return ImportedWeights(state, groups, "dinov3", settings)
+
+
+def model_settings(model: VisionTransformer) -> dict[str, Any]:
+    """The student.* settings a built model computes with (those a checkpoint family can require)."""
+    eps = {m.eps for m in model.modules() if isinstance(m, nn.LayerNorm)}
+    out: dict[str, Any] = {"pos_embed": "learned" if model.rope_embed is None else "rope",
+                           "norm_eps": eps.pop() if len(eps) == 1 else sorted(eps)}
+    if model.pos_embed is not None:
+        out.update(interpolate_offset=model.interpolate_offset, interpolate_antialias=model.interpolate_antialias)
+    else:
+        rope = model.rope_embed
+        out.update(rope_normalize_coords=rope.normalize_coords, rope_base=rope.base,
+                   rope_min_period=rope.min_period, rope_max_period=rope.max_period)
+    return out
+
+
+def _same_setting(key: str, want: Any, have: Any) -> bool:
+    if key in ("rope_base", "rope_min_period", "rope_max_period"):  # compared by the periods they give
+        return True
+    if isinstance(want, float) and isinstance(have, (int, float)):
+        return math.isclose(want, have, rel_tol=1e-9, abs_tol=0.0)
+    return want == have
+
+
+def check_model_settings(model: VisionTransformer, weights: ImportedWeights) -> None:
+    """Refuse a model that would compute something else from these weights than their source did, naming the
+    student.* keys (and values) to set."""
+    have = model_settings(model)
+    wrong = {k: v for k, v in weights.settings.items() if k in have and not _same_setting(k, v, have[k])}
+    if "pos_embed" not in wrong and weights.settings.get("pos_embed") == "rope" and model.rope_embed is not None:
+        want = rope_periods(model.rope_embed.head_dim, weights.settings.get("rope_base"),
+                            weights.settings.get("rope_min_period"), weights.settings.get("rope_max_period"))
+        got = rope_periods(model.rope_embed.head_dim, model.rope_embed.base, model.rope_embed.min_period,
+                           model.rope_embed.max_period)
+        if not torch.allclose(want, got, rtol=1e-6, atol=0):
+            wrong.update({k: weights.settings.get(k) for k in ("rope_base", "rope_min_period", "rope_max_period")
+                          if weights.settings.get(k) != have.get(k)})
+    if "pos_embed" in wrong:  # the rest follows once the position kind is right
+        wrong = {k: v for k, v in weights.settings.items() if k in ("pos_embed", "norm_eps") or k.startswith("rope_")}
+    if not wrong:
+        return
+    why = {"dinov2": "a DINOv2 checkpoint without registers (DINOv2 interpolates its position embeddings with "
+                     "offset 0.1, no antialiasing)",
+           "dinov2_reg": "a DINOv2 checkpoint with registers (DINOv2's register models interpolate their position "
+                         "embeddings with antialiasing and no offset; other settings move every patch token at "
+                         "other image sizes, 0.09 at 224 px for a ViT-B/14)",
+           "dinov3": "a DINOv3 backbone (RoPE positions, LayerNorm eps 1e-5)"}.get(weights.family, weights.family)
+    fix = " ".join(f"student.{k}={_yaml(v)}" for k, v in wrong.items())
+    now = ", ".join(f"{k}={_yaml(have.get(k))}" for k in wrong)
+    raise WeightsError(f"these weights are {why}, but the model has {now}: it would not compute what the weights "
+                       f"were trained to. Set {fix}")
+
+
+def _yaml(value: Any) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # reading files
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, Tensor], tuple[int, int, int] | None]:
     """(state dict in dinospec keys, group_of_type of its routed slots if known) from an export dir or a file."""
+    weights = load_weights(path)
+    return weights.state, weights.groups
+
+
+def _from_raw(raw: Mapping[str, Any]) -> ImportedWeights:
+    """A state dict read from a file: DINOv3 or DINOv2 format (or a dinospec state dict without its config)."""
+    unwrapped = _unwrap_backbone(raw)
+    if is_dinov3_state_dict(unwrapped):
+        return imported_dinov3(unwrapped)
+    state = _canonical_keys(unwrapped, allow_routed=True)
+    if any(_ROUTED_KEY.match(k) for k in state):  # routed keys: dinospec's, without the export's config
+        return ImportedWeights(state, None, "dinospec")
+    return imported_dinov2(state)
+
+
+def load_weights(path: str | Path) -> ImportedWeights:
+    """Backbone weights from a dinospec export dir, or a DINOv2 / DINOv3 .pth / .safetensors file."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -103,11 +291,12 @@ def read_weights(path: str | Path) -> tuple[dict[str, Tensor], tuple[int, int, i
             raise WeightsError(f"{path} holds weights in {config.get('format')!r} format; "
                                f"load it with that library, or export again with --format dinospec")
         group_of_type, _ = resolve_groups(config["spec"]["groups"])
-        return _canonical_keys(load_file(path / WEIGHTS_FILE), allow_routed=True), group_of_type
+        return ImportedWeights(_canonical_keys(load_file(path / WEIGHTS_FILE), allow_routed=True), group_of_type,
+                               "dinospec")
     if not path.is_file():
         raise WeightsError(f"pretrained weights not found: {path}")
     if path.suffix == ".safetensors":
-        return _canonical_keys(_unwrap_backbone(load_file(path)), allow_routed=True), None
+        return _from_raw(load_file(path))
     if path.suffix not in (".pth", ".pt", ".bin"):
         raise WeightsError(f"{path}: unknown weights format (expected a dinospec export dir, .safetensors or .pth)")
     try:
@@ -121,7 +310,7 @@ def read_weights(path: str | Path) -> tuple[dict[str, Tensor], tuple[int, int, i
         ) from None
     if not isinstance(obj, Mapping):
         raise WeightsError(f"{path} holds a {type(obj).__name__}, not a state dict")
-    return _canonical_keys(_unwrap_backbone(obj), allow_routed=True), None
+    return _from_raw(obj)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -141,15 +330,14 @@ def describe_weights(state: Mapping[str, Tensor]) -> str:
             f"{layerscale} layerscale, position grid {grid}x{grid}")
 
 
-def resize_pos_embed(pos: Tensor, num_patches: int) -> Tensor:
-    """(1, 1 + M*M, D) -> (1, 1 + G*G, D): the patch grid resized bicubically, as DINOv2 does for other sizes."""
-    m, g = math.isqrt(pos.shape[1] - 1), math.isqrt(num_patches)
-    if m * m != pos.shape[1] - 1 or g * g != num_patches:
+def resize_pos_embed(pos: Tensor, model: VisionTransformer) -> Tensor:
+    """A loaded (1, 1 + M*M, D) pos_embed on `model`'s grid, resized exactly as `model` resizes it at runtime (its
+    interpolate_offset / interpolate_antialias): the model then computes at its own size what the weights computed
+    there."""
+    m, g = math.isqrt(pos.shape[1] - 1), math.isqrt(model.pos_embed.shape[1] - 1)
+    if m * m != pos.shape[1] - 1:
         raise WeightsError(f"pos_embed {tuple(pos.shape)}: only square position grids can be resized")
-    grid = pos[:, 1:].reshape(1, m, m, -1).permute(0, 3, 1, 2).float()  # (1, D, M, M)
-    grid = F.interpolate(grid, size=(g, g), mode="bicubic", align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, g * g, -1).to(pos.dtype)  # (1, G*G, D)
-    return torch.cat([pos[:, :1], grid], dim=1)
+    return interpolate_pos_embed(pos, g, g, model.interpolate_offset, model.interpolate_antialias)
 
 
 def _source_slots(state: Mapping[str, Tensor]) -> dict[str, int]:
@@ -184,12 +372,15 @@ def adapt_state_dict(state: Mapping[str, Tensor], model: VisionTransformer,
     """
     target = model.state_dict()
     state = dict(state)
-    n_target = target["pos_embed"].shape[1] - 1
-    if "pos_embed" in state and state["pos_embed"].shape[1] - 1 != n_target \
+    if ("pos_embed" in state) != ("pos_embed" in target):
+        raise WeightsError(
+            "the weights have a learned pos_embed but the model uses RoPE (set student.pos_embed=learned)"
+            if "pos_embed" in state else
+            "the weights have no pos_embed (RoPE, as DINOv3) but the model learns one (set student.pos_embed=rope)")
+    if "pos_embed" in state and state["pos_embed"].shape[1] != target["pos_embed"].shape[1] \
             and state["pos_embed"].shape[-1] == target["pos_embed"].shape[-1]:
-        state["pos_embed"] = resize_pos_embed(state["pos_embed"], n_target)
+        state["pos_embed"] = resize_pos_embed(state["pos_embed"], model)
     src_slots, dst_slots = _source_slots(state), routed_slots(model)
-    same_groups = source_groups is not None and tuple(source_groups) == model.spec.group_of_type
 
     out: dict[str, Tensor] = {}
     used: set[str] = set()
@@ -207,8 +398,9 @@ def adapt_state_dict(state: Mapping[str, Tensor], model: VisionTransformer,
             missing.append(plain)
             continue
         used.update(copies)
-        if group is not None and same_groups and len(copies) == len(model.get_submodule(m[1])):
-            out[key] = state[copies[group]]
+        source = _source_group(source_groups, model.spec.group_of_type, group, len(copies))
+        if source is not None:
+            out[key] = state[copies[source]]
         elif all(torch.equal(state[copies[0]], state[c]) for c in copies[1:]):
             out[key] = state[copies[0]]
         else:
@@ -236,11 +428,23 @@ def adapt_state_dict(state: Mapping[str, Tensor], model: VisionTransformer,
     return out
 
 
+def _source_group(source_groups: Sequence[int] | None, target_groups: Sequence[int], group: int | None,
+                  num_copies: int) -> int | None:
+    """The source copy that serves target group `group`: the one source group all of the target group's token types
+    belong to (None when unknown, when the target slot is shared, or when the types come from different copies)."""
+    if source_groups is None or group is None or max(source_groups) + 1 != num_copies:
+        return None
+    sources = {s for s, t in zip(source_groups, target_groups) if t == group}
+    return sources.pop() if len(sources) == 1 else None
+
+
 def load_pretrained_backbone(model: VisionTransformer, path: str | Path) -> None:
-    """Initialise `model` (vanilla or specialised) in place from a dinospec export dir or DINOv2-format weights."""
-    state, groups = read_weights(path)
+    """Initialise `model` (vanilla or specialised) in place from a dinospec export dir or DINOv2 / DINOv3 weights;
+    a model whose settings do not suit the checkpoint's family is refused (see :func:`check_model_settings`)."""
+    weights = load_weights(path)
+    check_model_settings(model, weights)
     with torch.no_grad():
-        model.load_state_dict(adapt_state_dict(state, model, groups), strict=True)
+        model.load_state_dict(adapt_state_dict(weights.state, model, weights.groups), strict=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from dinospec.config import as_container, load_config, to_yaml
 from dinospec.export import ExportError, export_run, load_backbone, save_backbone
 from dinospec.models.specialize import vanilla_to_routed
 from dinospec.models.vit import VisionTransformer, build_backbone
-from dinospec.weights import WeightsError, convert_dinov2_state_dict, load_pretrained_backbone, resize_pos_embed
+from dinospec.weights import WeightsError, convert_dinov2_state_dict, load_pretrained_backbone
 
 REPO = Path(__file__).resolve().parent.parent
 IMG = 48  # vit_pico patch 16 -> a 3x3 grid
@@ -243,8 +243,9 @@ def test_dinov2_vit_small_import(tmp_path, regs, dinov2_vits14):
     torch.save(sd, tmp_path / "dinov2_vits14.pth")
     x = images(size=42)
     want = dinov2_features(ref, x, sd.get("register_tokens"))
+    family = {"interpolate_offset": 0.0, "interpolate_antialias": True} if regs else {}  # DINOv2's register models
     for spec in ("none", "paper"):
-        model = empty_backbone(dinospec_like(spec, 42, regs), 42)
+        model = empty_backbone(dinospec_like(spec, 42, regs, **family), 42)
         load_pretrained_backbone(model, tmp_path / "dinov2_vits14.pth")
         with torch.no_grad():
             got = model.forward_features(x)
@@ -318,19 +319,45 @@ def test_specialised_exports_between_specs(tmp_path):
         load_pretrained_backbone(build_backbone(vanilla_cfg.student, vanilla_cfg.spec, img_size=IMG), out)
 
 
-def test_pos_embed_is_resized_to_the_model_grid(tmp_path):
-    cfg = tiny_cfg("none")
+@pytest.mark.parametrize("offset,antialias", [(0.1, False), (0.0, True), (0.0, False)])
+def test_pos_embed_is_resized_to_the_model_grid(tmp_path, offset, antialias):
+    """One resizer: the model resized at load time computes at its size exactly what the source computes there at
+    runtime, under the model's interpolation settings (DINOv2's offset, antialiasing)."""
+    cfg = tiny_cfg("none", interpolate_offset=offset, interpolate_antialias=antialias)
     source = tiny_model(cfg)  # 3x3 grid
     out = save_backbone(source, tmp_path / "v", cfg.student, cfg.spec)
-    big = build_backbone(cfg.student, cfg.spec, img_size=64)  # 4x4 grid
-    load_pretrained_backbone(big, out)
-    pos = source.pos_embed.detach()
-    grid = pos[:, 1:].reshape(1, 3, 3, 32).permute(0, 3, 1, 2)
-    want = F.interpolate(grid, size=(4, 4), mode="bicubic").permute(0, 2, 3, 1).reshape(1, 16, 32)
-    assert torch.equal(big.pos_embed[:, :1], pos[:, :1])
-    assert torch.allclose(big.pos_embed[:, 1:], want, atol=1e-6)
-    assert torch.equal(resize_pos_embed(pos, 9), pos)  # the same grid is left alone
-    assert big.forward_features(images(size=64))["x_norm_patchtokens"].shape == (2, 16, 32)
+    for size in (64, 32):  # 4x4 (up) and 2x2 (down, where antialiasing acts)
+        small = build_backbone(cfg.student, cfg.spec, img_size=size).eval()
+        load_pretrained_backbone(small, out)
+        assert torch.equal(small.pos_embed, source.interpolate_pos_encoding(size, size))
+        assert_same_features(source, small, images(size=size))  # bit-exact
+    plain = F.interpolate(source.pos_embed[:, 1:].detach().reshape(1, 3, 3, 32).permute(0, 3, 1, 2), size=(2, 2),
+                          mode="bicubic").permute(0, 2, 3, 1).reshape(1, 4, 32)
+    if offset or antialias:  # the settings matter: a plain resize (the old load path) gives other values
+        assert (small.pos_embed[:, 1:] - plain).abs().max() > 1e-3
+
+
+def test_dinov2_family_is_read_from_the_keys(tmp_path):
+    """A DINOv2-format checkpoint with registers under the settings of the models without (offset 0.1, no
+    antialias) is refused with the fix; the right settings load; a checkpoint without registers refuses the
+    register models' settings."""
+    with_regs = tiny_model(tiny_cfg("none", regs=2, interpolate_offset=0.0, interpolate_antialias=True))
+    torch.save(with_regs.state_dict(), tmp_path / "reg.pth")
+    with pytest.raises(WeightsError, match="with registers.*Set student.interpolate_offset=0.0 "
+                                           "student.interpolate_antialias=true"):
+        load_pretrained_backbone(tiny_model(tiny_cfg("none", regs=2)), tmp_path / "reg.pth")
+    ok = tiny_model(tiny_cfg("paper", regs=2, interpolate_offset=0.0, interpolate_antialias=True), seed=5)
+    load_pretrained_backbone(ok, tmp_path / "reg.pth")
+    assert_same_features(with_regs, ok, images(size=64), atol=1e-5)  # interpolated: 4x4 grid from 3x3
+    no_regs = tiny_model(tiny_cfg("none", regs=0))
+    torch.save(no_regs.state_dict(), tmp_path / "noreg.pth")
+    with pytest.raises(WeightsError, match="without registers.*Set student.interpolate_offset=0.1 "
+                                           "student.interpolate_antialias=false"):
+        load_pretrained_backbone(tiny_model(tiny_cfg("none", regs=0, interpolate_offset=0.0,
+                                                     interpolate_antialias=True)), tmp_path / "noreg.pth")
+    # a dinospec export carries its own settings in config.json: loaded into any settings, as the user asks
+    out = save_backbone(no_regs, tmp_path / "export", tiny_cfg("none", regs=0).student, tiny_cfg("none").spec)
+    load_pretrained_backbone(tiny_model(tiny_cfg("none", regs=0, interpolate_antialias=True)), out)
 
 
 # ----------------------------------------------------------------------------------------------------------------

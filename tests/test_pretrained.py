@@ -57,9 +57,10 @@ def _state(run_dir: Path, prefix: str) -> dict[str, torch.Tensor]:
     return load_model_state(resolve_step_dir(run_dir), prefix=prefix)
 
 
-def _train_from(weights: Path, run_dir: Path) -> dict[str, torch.Tensor]:
+def _train_from(weights: Path, run_dir: Path, **extra: object) -> dict[str, torch.Tensor]:
     """Train one lr-0 step from `weights`; return the fresh init of the same config without them."""
-    overrides = tiny_overrides(run_dir, photos_dir(), **NO_UPDATE, **{"student.pretrained_weights": str(weights)})
+    overrides = tiny_overrides(run_dir, photos_dir(), **NO_UPDATE, **{"student.pretrained_weights": str(weights)},
+                               **extra)
     cfg = load_config(overrides=overrides)
     assert cfg.spec.qkv != "none" and cfg.spec.norm1 == "all"  # a paper-like spec: the source must be routed into it
     run_cli(["train", *overrides])
@@ -97,5 +98,8 @@ def test_continue_from_a_dinov2_teacher_checkpoint(tmp_path, source):
     teacher = {f"backbone.{k}": v for k, v in source["state"].items()}
     teacher["dino_head.last_layer.weight_g"] = torch.ones(128, 1)  # heads in the file are ignored, not loaded
     torch.save({"teacher": teacher}, tmp_path / "teacher_checkpoint.pth")
-    fresh = _train_from(tmp_path / "teacher_checkpoint.pth", tmp_path / "run")
+    # a DINOv2 checkpoint with registers: DINOv2's register models interpolate with antialias and no offset
+    # (the defaults, for the models without registers, are refused: test_export.py)
+    fresh = _train_from(tmp_path / "teacher_checkpoint.pth", tmp_path / "run",
+                        **{"student.interpolate_offset": 0.0, "student.interpolate_antialias": True})
     _assert_started_from(tmp_path / "run", source["state"], fresh)
