@@ -392,16 +392,105 @@ _CHOICES = {
 }
 
 
+# numeric ranges: key -> (lowest, highest, lowest allowed?, highest allowed?); None = unbounded; null values pass
+_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "student.patch_size": (1, None, True, True),
+    "student.embed_dim": (1, None, True, True),
+    "student.depth": (1, None, True, True),
+    "student.num_heads": (1, None, True, True),
+    "student.mlp_ratio": (0, None, False, True),
+    "student.num_register_tokens": (0, None, True, True),
+    "student.drop_path_rate": (0, 1, True, False),
+    "student.layerscale": (0, None, False, True),
+    "student.interpolate_offset": (0, None, True, True),
+    "dino.loss_weight": (0, None, True, True),
+    "dino.head_n_prototypes": (1, None, True, True),
+    "dino.head_bottleneck_dim": (1, None, True, True),
+    "dino.head_nlayers": (1, None, True, True),
+    "dino.head_hidden_dim": (1, None, True, True),
+    "dino.koleo_loss_weight": (0, None, True, True),
+    "ibot.loss_weight": (0, None, True, True),
+    "ibot.mask_sample_probability": (0, 1, True, True),
+    "ibot.head_n_prototypes": (1, None, True, True),
+    "ibot.head_bottleneck_dim": (1, None, True, True),
+    "ibot.head_nlayers": (1, None, True, True),
+    "ibot.head_hidden_dim": (1, None, True, True),
+    "teacher.momentum_teacher": (0, 1, True, True),
+    "teacher.final_momentum_teacher": (0, 1, True, True),
+    "teacher.warmup_teacher_temp": (0, None, True, True),  # 0 is a NaN on purpose (tests/test_resume.py)
+    "teacher.teacher_temp": (0, None, False, True),
+    "teacher.warmup_teacher_temp_epochs": (0, None, True, True),
+    "teacher.student_temp": (0, None, False, True),
+    "teacher.center_momentum": (0, 1, True, True),
+    "teacher.sinkhorn_iterations": (1, None, True, True),
+    "optim.epochs": (1, None, True, True),
+    "optim.weight_decay": (0, None, True, True),
+    "optim.weight_decay_end": (0, None, True, True),
+    "optim.base_lr": (0, None, True, True),
+    "optim.warmup_epochs": (0, None, True, True),
+    "optim.min_lr": (0, None, True, True),
+    "optim.clip_grad": (0, None, True, True),  # 0: no clipping
+    "optim.freeze_last_layer_epochs": (0, None, True, True),
+    "optim.layerwise_decay": (0, 1, False, True),
+    "optim.patch_embed_lr_mult": (0, None, True, True),
+    "optim.adamw_beta1": (0, 1, True, False),
+    "optim.adamw_beta2": (0, 1, True, False),
+    "crops.local_crops_number": (0, None, True, True),
+    "crops.global_crops_size": (1, None, True, True),
+    "crops.local_crops_size": (1, None, True, True),
+    "data.num_workers": (0, None, True, True),
+    "train.seed": (0, None, True, True),
+    "train.batch_size_per_gpu": (1, None, True, True),
+    "train.official_epoch_length": (1, None, True, True),
+    "train.max_steps": (1, None, True, True),
+    "train.log_every": (1, None, True, True),
+    "train.max_nonfinite_skips": (0, None, True, True),
+    "compute.num_threads": (1, None, True, True),
+    "checkpoint.period_steps": (1, None, True, True),
+    "checkpoint.keep_last": (0, None, True, True),  # 0: keep all
+    "checkpoint.keep_every": (0, None, True, True),
+    "evaluation.knn_period_steps": (0, None, True, True),
+    "evaluation.knn_img_size": (1, None, True, True),
+    "evaluation.knn_batch_size": (1, None, True, True),
+    "student.norm_eps": (0, None, False, True),
+    "student.rope_base": (0, None, False, True),
+    "student.rope_min_period": (0, None, False, True),
+    "student.rope_max_period": (0, None, False, True),
+    "student.rope_shift_coords": (0, None, True, True),
+    "student.rope_jitter_coords": (1, None, True, True),  # a factor range [1/j, j]
+    "student.rope_rescale_coords": (1, None, True, True),
+    "logging.collapse_patience_steps": (0, None, True, True),  # 0: never
+}
+
+
+def _check_ranges(cfg: DictConfig) -> None:
+    """Every numeric key in its range, so a bad value is one line now, not a ZeroDivisionError after a step."""
+    for key, (lo, hi, lo_ok, hi_ok) in _RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is None:
+            continue
+        low = lo is not None and (value < lo or (value == lo and not lo_ok))
+        high = hi is not None and (value > hi or (value == hi and not hi_ok))
+        if low or high:
+            if hi is None:
+                allowed = f"{'>=' if lo_ok else '>'} {lo:g}"
+            else:
+                allowed = f"in {'[' if lo_ok else '('}{lo:g}, {hi:g}{']' if hi_ok else ')'}"
+            raise ConfigError(f"config key '{key}' = {value!r} must be {allowed}")
+
+
 def validate(cfg: DictConfig) -> None:
     """Semantic checks the type system cannot express (choices, ranges, spec syntax)."""
+    _check_ranges(cfg)
     for key, choices in _CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in choices:
             close = difflib.get_close_matches(str(value), [str(c) for c in choices if c is not None], n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"config key '{key}' = {value!r} is not one of {list(choices)}{hint}")
-    from dinospec.models.specialize import SpecError, resolve_spec  # local: models import config types
-    from dinospec.models.vit import arch_kwargs
+    # torch-free modules: a refused config costs well under a second on every command (tests/test_edges.py)
+    from dinospec.models.archs import arch_kwargs
+    from dinospec.models.spec_ranges import SpecError, resolve_spec
 
     try:
         kw = arch_kwargs(cfg.student)
@@ -439,8 +528,6 @@ def validate(cfg: DictConfig) -> None:
         if not 0 < source.weight < float("inf"):
             raise ConfigError(f"config key 'data.sources[{k}].weight' = {source.weight!r} must be > 0")
     knn = cfg.evaluation
-    if knn.knn_period_steps < 0:
-        raise ConfigError(f"config key 'evaluation.knn_period_steps' = {knn.knn_period_steps} must be >= 0")
     if knn.knn_period_steps and not (knn.knn_train and knn.knn_val):
         raise ConfigError("config key 'evaluation.knn_period_steps' > 0 needs 'evaluation.knn_train' and "
                           "'evaluation.knn_val' (labelled image folders)")

@@ -14,6 +14,11 @@ Interruptions, and who requeues:
   without a result so nothing stale is reported, and the requeued job resumes from ``checkpoints/latest``.
 Logs: ``<run>/slurm/<jobid>_<task>_log.out|err`` (appended across requeues).
 
+Before anything is queued: the config and the run's paths are checked (dinospec/preflight.py), the run directory's
+lease is taken (dinospec/run_lease.py: a second job for the same run is refused, naming the first) and handed to
+the job, and the code is snapshotted into ``<run>/code/`` (dinospec/code_version.py), so a job requeued days later
+runs the code it was submitted with. When sbatch refuses the job, that is one line and nothing is left behind.
+
 submitit.SlurmExecutor / LocalExecutor are used directly (AutoExecutor only picks one of them): the very parameters
 that submit a job also render the ``--dry-run`` script, on machines without SLURM too.
 """
@@ -21,9 +26,12 @@ that submit a job also render the ``--dry-run`` script, on machines without SLUR
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -35,6 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dinospec.config import ConfigError, RunConfig, load_config, to_yaml, validate
+from dinospec.run_lease import TOKEN_ENV, RunLease, local_process, queued_job, this_process
 
 LOG_DIR = "slurm"  # submitit's job folder inside the run directory
 EXIT_PREEMPTED = 75  # as dinospec.trainer: saved on a signal, resumed by the requeued job
@@ -155,9 +164,84 @@ def make_executor(cfg: DictConfig, res: Resources, local: bool = False) -> submi
     return executor
 
 
-def submit(cfg: DictConfig, res: Resources, local: bool = False) -> submitit.Job:
-    """Submit `cfg`'s training as one job of res.nodes x res.tasks_per_node tasks; returns submitit's Job."""
-    return make_executor(cfg, res, local).submit(TrainJob(to_yaml(cfg)))
+PATH_KEYS = ("data.path", "train.output_dir", "evaluation.knn_train", "evaluation.knn_val",
+             "student.pretrained_weights")
+
+
+def with_absolute_paths(cfg: DictConfig) -> DictConfig:
+    """The config with every path made absolute: the job runs in its code snapshot, not where it was submitted."""
+    cfg = cfg.copy()
+    for key in PATH_KEYS:
+        value = OmegaConf.select(cfg, key)
+        if value:
+            OmegaConf.update(cfg, key, os.path.abspath(os.path.expanduser(str(value))))
+    return cfg
+
+
+class SubmitError(RuntimeError):
+    """sbatch (or the local executor) refused the job; nothing of it is left in the run directory."""
+
+
+def _listing(run_dir: Path) -> dict[Path, set[str] | None]:
+    """What a submission may add to: the run directory, its slurm/ and code/ folders (None: does not exist)."""
+    return {f: (set(os.listdir(f)) if f.is_dir() else None) for f in (run_dir, run_dir / LOG_DIR, run_dir / "code")}
+
+
+def _new_entries(before: dict[Path, set[str] | None]) -> list[Path]:
+    """What appeared in the listed folders since `before` (a folder that is new is one entry of its parent's)."""
+    out: list[Path] = []
+    for folder, names in before.items():
+        if names is not None and folder.is_dir():
+            out += [folder / n for n in sorted(set(os.listdir(folder)) - names)]
+    return out
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _sbatch_message(error: BaseException) -> str:
+    lines = [re.sub(r"^sbatch: error: ", "", line).strip() for line in str(error).splitlines()]
+    return "; ".join(line for line in lines if line) or type(error).__name__
+
+
+def submit(cfg: DictConfig, res: Resources, local: bool = False, snapshot: bool = True) -> submitit.Job:
+    """Submit `cfg`'s training as one job of res.nodes x res.tasks_per_node tasks; returns submitit's Job.
+
+    Takes the run directory's lease first (RunDirBusy if another writer holds it) and hands it to the job; with
+    `snapshot`, the job runs a copy of the code taken now. SubmitError if sbatch refuses: the lease, the snapshot
+    and submitit's files are removed again."""
+    from dinospec.code_version import snapshot as code_snapshot
+
+    cfg = with_absolute_paths(cfg)
+    run_dir = Path(cfg.train.output_dir)
+    missing = next((p for p in reversed([run_dir, *run_dir.parents]) if not p.exists()), None)
+    before = _listing(run_dir)
+    lease = RunLease(run_dir, holder=this_process("submit")).acquire()
+    try:
+        job = TrainJob(to_yaml(cfg), lease.token)
+        executor = make_executor(cfg, res, local)
+        stderr = io.StringIO()
+        with contextlib.ExitStack() as stack:
+            if snapshot:
+                stack.enter_context(code_snapshot(run_dir))
+            with contextlib.redirect_stderr(stderr):  # submitit echoes sbatch's error; ours is one line
+                submitted = executor.submit(job)
+        lease.hand_to(local_process(int(submitted.job_id), "queued job") if local else
+                      queued_job(submitted.job_id))
+        lease.release(keep=True)
+        return submitted
+    except BaseException as e:
+        lease.release()
+        _remove([missing] if missing is not None else _new_entries(before))
+        if isinstance(e, (submitit.core.utils.FailedJobError, OSError)):
+            raise SubmitError(f"{'sbatch' if not local else 'the local executor'} refused the job: "
+                              f"{_sbatch_message(e)}") from None
+        raise
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -203,11 +287,13 @@ class SignalLog:
 class TrainJob(submitit.helpers.Checkpointable):
     """One task of the job: train `config_yaml`; on preemption hand the requeue to submitit or SLURM.
 
-    Holds only the config: a requeued job resumes from the run directory's latest checkpoint.
+    Holds the config and the run directory's lease token (which the job presents, in every run, to take the lease
+    over from `submit` or from its own previous run): a requeued job resumes from the latest checkpoint.
     """
 
-    def __init__(self, config_yaml: str):
+    def __init__(self, config_yaml: str, lease_token: str | None = None):
         self.config_yaml = config_yaml
+        self.lease_token = lease_token
 
     def __call__(self) -> dict[str, Any]:
         from dinospec import dist
@@ -218,6 +304,12 @@ class TrainJob(submitit.helpers.Checkpointable):
         job_env = _job_environment()
         if job_env is not None and job_env.cluster == "local":
             _export_local_ranks(job_env)
+        if self.lease_token:
+            os.environ[TOKEN_ENV] = self.lease_token
+        if job_env is not None:  # rank 0 publishes a free port in the job folder (dinospec.dist)
+            restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+            dist.init_distributed(cfg.compute.device, rendezvous_file=job_folder(cfg) /
+                                  f".rendezvous_{job_env.job_id}_{restarts}")
         with SignalLog() as signals:
             outcome = train(cfg, resume="auto")
         summary = {"status": outcome.status, "step": outcome.step, "run_dir": str(outcome.run_dir),
@@ -260,7 +352,7 @@ class TrainJob(submitit.helpers.Checkpointable):
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Called by submitit before it requeues: the same job, which resumes from `checkpoints/latest`."""
         print("dinospec: requeuing; the next run resumes from the run's latest checkpoint", flush=True)
-        return submitit.helpers.DelayedSubmission(TrainJob(self.config_yaml))
+        return submitit.helpers.DelayedSubmission(TrainJob(self.config_yaml, self.lease_token))
 
 
 def _log_to_stderr() -> None:
@@ -281,13 +373,11 @@ def _job_environment() -> submitit.JobEnvironment | None:
 
 
 def _export_local_ranks(job_env: submitit.JobEnvironment) -> None:
-    """LocalExecutor tasks carry no SLURM variables: give dinospec.dist torchrun's instead."""
-    from dinospec.dist import slurm_port
-
+    """LocalExecutor tasks carry no SLURM variables: give dinospec.dist torchrun's instead (no MASTER_PORT: rank 0
+    picks a free one and publishes it in the job folder)."""
     if job_env.num_tasks > 1:
         os.environ.update(RANK=str(job_env.global_rank), WORLD_SIZE=str(job_env.num_tasks),
-                          LOCAL_RANK=str(job_env.local_rank), MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(slurm_port(job_env.job_id)))
+                          LOCAL_RANK=str(job_env.local_rank), MASTER_ADDR="127.0.0.1")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -321,6 +411,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     mode.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
     mode.add_argument("--local", action="store_true", help="run the job here through submitit's LocalExecutor")
     m.add_argument("--wait", action="store_true", help="wait for the job to end (always with --local)")
+    m.add_argument("--no-snapshot", action="store_true",
+                   help="run the code in this checkout as it is when the job (re)starts, not a copy taken now")
 
 
 def resources_from_args(args: argparse.Namespace, cfg: DictConfig) -> Resources:
@@ -358,8 +450,16 @@ def resume_step(cfg: DictConfig) -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dinospec.preflight import check_run_paths
+
     cfg = load_config(args.config, args.overrides)  # a bad config fails here, before anything is queued
     res = resources_from_args(args, cfg)
+    check_run_paths(cfg)  # a missing data folder now, not 30 s into the job
+    if not (args.dry_run or args.local or args.no_snapshot):
+        from dinospec.code_version import snapshot_available
+
+        if (why := snapshot_available()) is not None:
+            raise ConfigError(f"cannot snapshot the code ({why}); pass --no-snapshot to run the live checkout")
     step = resume_step(cfg)
     if args.dry_run:
         print(sbatch_script(cfg, res))
@@ -368,7 +468,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"dinospec: note: with --time <= {SUBMITIT_TIMEOUT_FLOOR_MIN} min submitit counts every USR2, "
               f"preemptions included, as a time-out (at most --max-num-timeout {res.max_num_timeout})",
               file=sys.stderr)
-    job = submit(cfg, res, local=args.local)
+    try:
+        job = submit(cfg, res, local=args.local, snapshot=not (args.local or args.no_snapshot))
+    except SubmitError as e:
+        print(f"dinospec: {e}", file=sys.stderr)
+        return 1
     run_dir = Path(cfg.train.output_dir).absolute()
     print(f"submitted job {job.job_id}: {res.nodes} node(s) x {res.tasks_per_node} task(s), run {run_dir}"
           f"{f' (resumes from step {step})' if step is not None else ''}")

@@ -11,7 +11,6 @@ step, saves and exits with EXIT_PREEMPTED.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
@@ -36,10 +35,11 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from dinospec import dist
 from dinospec.checkpoint import Checkpointer
-from dinospec.config import ConfigError, load_config, to_yaml
+from dinospec.config import ConfigError, to_yaml
 from dinospec.data.loader import build_ssl_loader
 from dinospec.metrics import MetricsLogger, plot_losses
 from dinospec.rng import capture_rng, restore_rng, seed_all
+from dinospec.run_lease import hold_run_dir
 from dinospec.ssl.meta_arch import SSLMetaArch
 from dinospec.ssl.optim import apply_schedules, build_optimizer
 from dinospec.ssl.schedules import build_schedules
@@ -123,14 +123,7 @@ class Progress(Stateful):
 
 
 def _gather(t: torch.Tensor) -> torch.Tensor:
-    t = t.cpu()
-    if dist.world_size() == 1:
-        return t.unsqueeze(0)
-    import torch.distributed as tdist
-
-    parts = [torch.empty_like(t) for _ in range(dist.world_size())]
-    tdist.all_gather(parts, t)
-    return torch.stack(parts)
+    return dist.gather_stacked(t.cpu())  # CPU: the default group serves it through gloo beside NCCL on GPU
 
 
 class SignalFlag:
@@ -239,10 +232,23 @@ def _batches(loader: Any, device: torch.device) -> Iterator[dict[str, Any]]:
 
 
 def train(cfg: DictConfig, resume: str = "auto") -> TrainOutcome:
-    """Pretrain as `cfg` says. resume: "auto" (latest checkpoint of the run dir, if any), "never", or a path."""
+    """Pretrain as `cfg` says. resume: "auto" (latest checkpoint of the run dir, if any), "never", or a path.
+
+    Holds the run directory's lease meanwhile (dinospec/run_lease.py): RunDirBusy if another writer has it."""
     _check_knn_folders(cfg)
     env, device = dist.init_distributed(cfg.compute.device)
     run_dir = Path(cfg.train.output_dir)
+    lease = hold_run_dir(run_dir, env.is_main)
+    outcome = None
+    try:
+        outcome = _train(cfg, resume, env, device, run_dir)
+        return outcome
+    finally:
+        if lease is not None:  # a preempted run keeps it for its requeue (or its next start) to take over
+            lease.release(keep=outcome is not None and outcome.status == "preempted")
+
+
+def _train(cfg: DictConfig, resume: str, env: dist.DistEnv, device: torch.device, run_dir: Path) -> TrainOutcome:
     torch.set_num_threads(_num_threads(cfg))
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -375,28 +381,3 @@ def _memory(device: torch.device) -> dict[str, float]:
 
     return {"max_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# command line
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", action="append", default=[], metavar="FILE",
-                   help="YAML config merged over configs/default.yaml (repeatable)")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--resume", metavar="PATH", help="resume from this checkpoint directory")
-    group.add_argument("--no-resume", action="store_true",
-                       help="never resume (refuses a run directory that already has checkpoints)")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="presets (model=NAME, spec=NAME) and dotted overrides (optim.base_lr=1e-3)")
-
-
-def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=os.environ.get("DINOSPEC_LOG", "INFO"), format="%(asctime)s %(levelname)s %(message)s")
-    cfg = load_config(args.config, args.overrides)
-    resume = args.resume or ("never" if args.no_resume else "auto")
-    try:
-        outcome = train(cfg, resume=resume)
-    finally:
-        dist.shutdown()
-    return EXIT_PREEMPTED if outcome.status == "preempted" else 0

@@ -14,7 +14,7 @@ import torch
 from dinospec import cli
 from dinospec.checkpoint import Checkpointer
 from dinospec.config import ConfigError, load_config, to_yaml
-from dinospec.dist import DistEnv, expand_nodelist, read_env, slurm_port
+from dinospec.dist import DistEnv, expand_nodelist, read_env
 from dinospec.launch import Resources, SignalLog, config_from_yaml, parse_time, sbatch_script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +55,7 @@ def test_read_env_torchrun():
 def test_read_env_slurm():
     env = {"SLURM_PROCID": "13", "SLURM_NTASKS": "16", "SLURM_LOCALID": "5", "SLURM_JOB_NODELIST": "gpu[07-08]",
            "SLURM_JOB_ID": "123456"}
-    assert read_env(env) == DistEnv(13, 16, 5, "gpu07", slurm_port("123456"), "slurm")
+    assert read_env(env) == DistEnv(13, 16, 5, "gpu07", 0, "slurm")  # port 0: rank 0 picks and publishes one
     # the older variable name, and an explicit rendezvous
     env2 = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_NODELIST": "a[1-2]-b[3-4]", "SLURM_JOB_ID": "7",
             "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "30000"}
@@ -67,13 +67,6 @@ def test_read_env_single():
     assert read_env({}).world_size == 1
     # one SLURM task (sbatch without srun, or --ntasks=1): no process group to form
     assert read_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_ID": "5"}).source == "single"
-
-
-def test_slurm_port():
-    ports = {slurm_port(str(j)) for j in range(1000, 1100)}
-    assert len(ports) == 100 and all(20000 <= p < 40000 for p in ports)  # distinct for neighbouring jobs
-    assert slurm_port("123456") == slurm_port("123456")
-    assert slurm_port("4242_7") == slurm_port("42427")  # array ids: digits only
 
 
 def test_parse_time():

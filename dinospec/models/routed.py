@@ -25,8 +25,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-TOKEN_TYPES = ("cls", "reg", "patch")
-
 
 @dataclass(frozen=True)
 class Routing:

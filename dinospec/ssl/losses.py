@@ -15,6 +15,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dinospec import dist as checked  # collectives that check their group serves the tensors' device
+
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -22,7 +24,7 @@ def _distributed() -> bool:
 
 def _all_reduce(t: Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> Tensor:
     if _distributed():
-        dist.all_reduce(t, op=op)
+        checked.all_reduce(t, op=op)
     return t
 
 
@@ -181,13 +183,13 @@ class _GatherRows(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor) -> Tensor:
         ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x)
+        checked.all_gather(parts, x)
         return torch.cat(parts, dim=0)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
         grad = grad.contiguous().clone()  # all_reduce works in place; autograd's buffer stays untouched
-        dist.all_reduce(grad)  # tiny (W*B, D): simpler than reduce_scatter, which gloo lacks
+        checked.all_reduce(grad)  # tiny (W*B, D): simpler than reduce_scatter, which gloo lacks
         return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
 
 
@@ -216,7 +218,7 @@ class KoLeoLoss(nn.Module):
 
     def _gather(self, x: Tensor) -> Tensor:
         sizes = torch.tensor([x.shape[0], -x.shape[0]], device=x.device)
-        dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
+        checked.all_reduce(sizes, op=dist.ReduceOp.MAX)
         if sizes[0].item() != -sizes[1].item():
             raise ValueError(f"global KoLeo needs equal batch sizes on all ranks, got between "
                              f"{-sizes[1].item()} and {sizes[0].item()}")
