@@ -1,8 +1,16 @@
-"""`dinospec export`: a run's backbone as model.safetensors + config.json, rebuilt later without pickle.
+"""`dinospec export`: a run's backbone, or released weights, as model.safetensors + config.json, rebuilt later
+without pickle.
 
     dinospec export runs/demo --out exports/demo                      # teacher of the latest checkpoint
     dinospec export runs/demo --step 2000 --which student --out exports/demo_student
     dinospec export runs/demo --out exports/demo_timm --format timm   # vanilla spec only: timm loads it
+    dinospec export dinov2_vitb14_reg4_pretrain.pth --out exports/vitb_paper spec=paper   # weights file + spec
+    dinospec export dinov3_vits16.pth --out exports/v3s --img-size 224 # DINOv3 format (RoPE) too
+
+From a weights file (DINOv2 / DINOv3 format, or a dinospec export dir) the architecture is read from the weights
+and the settings from their family (interpolation of DINOv2's register models, DINOv3's RoPE); ``spec=NAME`` or
+``spec.*`` / ``student.*`` overrides convert it, e.g. into a specialised backbone that computes what the released
+one computes, without a training step.
 
 Load an export with ``dinospec.load_backbone(DIR)``, ``torch.hub.load(REPO, "dinospec_backbone", source="local",
 weights=DIR)`` or, for --format timm, with the timm call the command prints (also in the export's README.md).
@@ -18,14 +26,15 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from dinospec.models.specialize import SpecError, routed_to_vanilla
 from dinospec.models.vit import VisionTransformer, arch_kwargs, build_backbone
-from dinospec.weights import CONFIG_FILE, WEIGHTS_FILE, WeightsError, timm_model_args, to_timm_state_dict
+from dinospec.weights import (CONFIG_FILE, DINOV3_NORM_GROUPS, WEIGHTS_FILE, ImportedWeights, WeightsError,
+                              infer_student, load_into, load_weights, timm_model_args, to_timm_state_dict)
 
 FORMAT_VERSION = 1
 # the student keys build_backbone reads besides the arch sizes; pretrained_weights / drop_path_rate are training-only
@@ -251,8 +260,14 @@ def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", help="run directory (holds checkpoints/)")
+    p.add_argument("run_dir", metavar="SOURCE",
+                   help="run directory (holds checkpoints/), or weights: a DINOv2 / DINOv3 .pth / .safetensors file "
+                        "or a dinospec export dir")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="for weights: spec=NAME, spec.KEY=..., student.KEY=... (convert the spec, change settings)")
     p.add_argument("--out", required=True, help="export directory to write")
+    p.add_argument("--img-size", type=int, help="for weights: image size of the export (default: the weights' "
+                                                 "position grid; RoPE: 224); a learned pos_embed is resized to it")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument("--format", choices=("dinospec", "timm"), default="dinospec",
                    help="dinospec (any spec; dinospec.load_backbone) or timm (vanilla spec only)")
@@ -262,14 +277,93 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dinospec.config import ConfigError
+
     try:
-        out = export_run(args.run_dir, args.out, args.step, args.which, args.format, args.force)
-    except (ExportError, WeightsError) as e:
+        if (Path(args.run_dir) / "checkpoints").is_dir():
+            if args.overrides or args.img_size:
+                raise ExportError("spec / student overrides and --img-size apply to weights: export the run first, "
+                                  "then export that export dir with them")
+            out = export_run(args.run_dir, args.out, args.step, args.which, args.format, args.force)
+        else:
+            if args.step is not None:
+                raise ExportError(f"--step applies to run directories; {args.run_dir} is not one")
+            out = export_weights(args.run_dir, args.out, args.overrides, args.format, args.force, args.img_size)
+    except (ExportError, WeightsError, ConfigError) as e:
         print(f"dinospec export: {e}", file=sys.stderr)
         return 2
     config = json.loads((out / CONFIG_FILE).read_text())
     src = config["source"]
-    print(f"exported the {src['which']} backbone of {src['run_dir']} at step {src['step']} "
-          f"({config['student']['arch']}, {config['format']} format) to {out}\n")
+    spec = "vanilla" if _is_vanilla(config["spec"]) else "specialised"
+    if "weights" in src:
+        st = config["student"]
+        print(f"exported {src['weights']} ({src['family']} weights) as a {spec} backbone (embed_dim {st['embed_dim']}, "
+              f"depth {st['depth']}, patch {st['patch_size']}, {st['num_register_tokens']} registers, "
+              f"{st.get('pos_embed', 'learned')} positions; {config['format']} format) to {out}\n")
+    else:
+        print(f"exported the {src['which']} backbone of {src['run_dir']} at step {src['step']} "
+              f"({config['student']['arch']}, {config['format']} format) to {out}\n")
     print(usage(out, config), end="")
     return 0
+
+
+def _is_vanilla(spec: Mapping[str, Any]) -> bool:
+    from dinospec.models.specialize import resolve_spec
+
+    return resolve_spec(spec, 1_000).is_vanilla
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# from a weights file
+
+
+def _override(key: str, value: Any) -> str:
+    return f"{key}={json.dumps(value)}"  # JSON is YAML: numbers, booleans, null, quoted strings, lists
+
+
+def source_overrides(path: str | Path, weights: ImportedWeights, img_size: int | None) -> tuple[list[str], int]:
+    """Config overrides that rebuild the backbone of `weights` (student.*, spec, crop sizes that fit its patch
+    size), and the image size to export it at (its position grid's; RoPE: 224 or --img-size)."""
+    if weights.family == "dinospec" and Path(path).is_dir():
+        config = read_export_config(path)
+        student, spec = dict(config["student"]), dict(config["spec"])
+        native = config["img_size"]
+        spec_overrides = [_override(f"spec.{k}", v) for k, v in spec.items()]
+    else:
+        student = infer_student(weights)
+        pos = weights.state.get("pos_embed")
+        patch = student["patch_size"]
+        native = math.isqrt(pos.shape[1] - 1) * patch if pos is not None else 224 // patch * patch
+        spec_overrides = ["spec=final_norm" if weights.groups == DINOV3_NORM_GROUPS else "spec=none"]
+    size = img_size or native
+    patch = student["patch_size"]
+    if size % patch:
+        raise ExportError(f"--img-size {size} is not a multiple of the patch size {patch}")
+    crops = [f"crops.global_crops_size={size}", f"crops.local_crops_size={max(1, 98 // patch) * patch}"]
+    student_overrides = [_override(f"student.{k}", v) for k, v in student.items() if k != "pretrained_weights"]
+    return [*student_overrides, *spec_overrides, *crops], size
+
+
+def export_weights(path: str | Path, out_dir: str | Path, overrides: Sequence[str] = (), fmt: str = "dinospec",
+                   force: bool = False, img_size: int | None = None) -> Path:
+    """Export a weights file (DINOv2 / DINOv3 format) or a dinospec export dir, optionally converted to another
+    spec (``spec=NAME``, ``spec.KEY=...``) or with other student settings; returns the export directory."""
+    from dinospec.config import ConfigError, load_config
+
+    weights = load_weights(path)
+    keys = [o.split("=", 1)[0] for o in overrides]
+    if "model" in keys:
+        raise ExportError("model=... does not apply: the architecture comes from the weights")
+    base, size = source_overrides(path, weights, img_size)
+    if "spec" in keys:  # a spec preset replaces the source's spec (presets apply before key=value overrides)
+        base = [o for o in base if not o.startswith("spec")]
+    try:
+        cfg = load_config(overrides=[*base, *overrides])
+    except ConfigError as e:
+        raise ExportError(str(e)) from None
+    with torch.device("meta"):
+        model = build_backbone(cfg.student, cfg.spec, img_size=size)
+    model = model.to_empty(device="cpu")  # every tensor comes from the weights (strict load)
+    load_into(model, weights)
+    source = {"weights": str(Path(path).resolve()), "family": weights.family}
+    return save_backbone(model.eval(), out_dir, cfg.student, cfg.spec, source, fmt, force)

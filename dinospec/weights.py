@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from dinospec.models.rope import rope_periods
 from dinospec.models.routed import TokenRouted
 from dinospec.models.specialize import resolve_groups, routed_slots
-from dinospec.models.vit import SwiGLU, VisionTransformer, interpolate_pos_embed
+from dinospec.models.vit import ARCHS, SwiGLU, VisionTransformer, interpolate_pos_embed
 
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 
@@ -175,6 +175,7 @@ class ImportedWeights:
     groups: tuple[int, int, int] | None  # group_of_type of the routed slots, when known
     family: str  # dinospec | dinov2 | dinov2_reg | dinov3
     settings: dict[str, Any] = field(default_factory=dict)
+    head_dim: int | None = None  # known for DINOv3 (from the RoPE periods); DINOv2's releases all use 64
 
 
 DINOV2_INTERPOLATION = {  # DINOv2's hub: models with registers interpolate with antialias and no offset
@@ -195,7 +196,48 @@ def imported_dinov3(raw: Mapping[str, Any]) -> ImportedWeights:
     settings: dict[str, Any] = dict(DINOV3_SETTINGS)
     if periods is not None:
         settings.update(dinov3_rope_settings(periods))
-    return ImportedWeights(state, groups, "dinov3", settings)
+    return ImportedWeights(state, groups, "dinov3", settings, 4 * periods.numel() if periods is not None else None)
+
+
+def infer_student(weights: ImportedWeights) -> dict[str, Any]:
+    """student.* settings that rebuild the backbone these weights belong to, read from their shapes and keys plus
+    the family's settings. The head count is not in the weights: DINOv3's from its RoPE periods, else head dim 64
+    (every DINOv2 / DINOv3 release); override student.num_heads otherwise."""
+    state = {_plain_name(k): v for k, v in weights.state.items()}
+    dim = state["cls_token"].shape[-1]
+    blocks = {int(k.split(".")[1]) for k in state if k.startswith("blocks.")}
+    head_dim = weights.head_dim or 64
+    if dim % head_dim:
+        raise WeightsError(f"embed_dim {dim} is not a multiple of head dim {head_dim}: give student.num_heads")
+    swiglu = "blocks.0.mlp.w12.weight" in state
+    if swiglu:  # SwiGLU's hidden width: (int(dim * ratio * 2/3) + 7) // 8 * 8; DINOv2's ViT-g uses ratio 4
+        hidden = state["blocks.0.mlp.w12.weight"].shape[0] // 2
+        ratio = 4.0 if (int(dim * 4.0 * 2 / 3) + 7) // 8 * 8 == hidden else hidden * 1.5 / dim
+    else:
+        ratio = state["blocks.0.mlp.fc1.weight"].shape[0] / dim
+    fc_in = "blocks.0.mlp.w12.bias" if swiglu else "blocks.0.mlp.fc1.bias"
+    sizes = dict(embed_dim=dim, depth=len(blocks), num_heads=dim // head_dim, ffn_layer="swiglu" if swiglu else "mlp")
+    arch = next((name for name, preset in ARCHS.items() if preset == sizes), "vit_small")  # sizes set explicitly too
+    student: dict[str, Any] = {
+        "arch": arch, "embed_dim": dim, "depth": len(blocks), "num_heads": dim // head_dim,
+        "ffn_layer": "swiglu" if swiglu else "mlp", "mlp_ratio": ratio,
+        "patch_size": state["patch_embed.proj.weight"].shape[-1],
+        "num_register_tokens": state["register_tokens"].shape[1] if "register_tokens" in state else 0,
+        "layerscale": 1e-5 if "blocks.0.ls1.gamma" in state else None,  # the value is loaded; only on/off matters
+        "qkv_bias": "blocks.0.attn.qkv.bias" in state, "proj_bias": "blocks.0.attn.proj.bias" in state,
+        "ffn_bias": fc_in in state,
+    }
+    student.update(weights.settings)
+    if weights.family == "dinov3":
+        student.setdefault("rope_rescale_coords", 2.0)  # DINOv3's released recipe: training only, no output changes
+    return student
+
+
+def _plain_name(key: str) -> str:
+    """'blocks.0.norm1.1.weight' -> 'blocks.0.norm1.weight' (a routed copy's key without its group index)."""
+    m = _ROUTED_KEY.match(key)
+    return f"{m[1]}.{m[3]}" if m else key
+
 
 
 def model_settings(model: VisionTransformer) -> dict[str, Any]:
@@ -441,7 +483,11 @@ def _source_group(source_groups: Sequence[int] | None, target_groups: Sequence[i
 def load_pretrained_backbone(model: VisionTransformer, path: str | Path) -> None:
     """Initialise `model` (vanilla or specialised) in place from a dinospec export dir or DINOv2 / DINOv3 weights;
     a model whose settings do not suit the checkpoint's family is refused (see :func:`check_model_settings`)."""
-    weights = load_weights(path)
+    load_into(model, load_weights(path))
+
+
+def load_into(model: VisionTransformer, weights: ImportedWeights) -> None:
+    """Initialise `model` in place from weights already read (settings checked, spec converted, pos_embed resized)."""
     check_model_settings(model, weights)
     with torch.no_grad():
         model.load_state_dict(adapt_state_dict(weights.state, model, weights.groups), strict=True)

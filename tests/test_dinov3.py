@@ -198,3 +198,41 @@ def test_min_max_periods_are_recognised():
     assert settings["rope_base"] is None and settings["rope_min_period"] == pytest.approx(0.5)
     with pytest.raises(WeightsError, match="neither"):
         dinov3_rope_settings(torch.tensor([1.0, 3.0, 4.0, 20.0]))
+
+
+def test_export_from_a_dinov3_file(tmp_path):
+    """`dinospec export FILE` reads a DINOv3 backbone's architecture and settings from the weights (head count
+    from the RoPE periods, eps, storage tokens, untied norms -> spec final_norm) and converts the spec on request."""
+    from safetensors.torch import save_file
+
+    from dinospec.export import export_weights, load_backbone
+
+    source = small("spec=final_norm")
+    with torch.no_grad():
+        for block in source.blocks:
+            block.attn.qkv.bias[32:64] = 0.0
+    raw = dinov3_format(source, untie=False)  # its final norm is routed: norm.0 ([cls, reg]), norm.1 (patches)
+    for name in ("weight", "bias"):  # DINOv3's names for the two
+        raw[f"cls_norm.{name}"], raw[f"norm.{name}"] = raw.pop(f"norm.0.{name}"), raw.pop(f"norm.1.{name}")
+    save_file({k: v.contiguous() for k, v in raw.items()}, tmp_path / "v3.safetensors")
+    x = torch.randn(2, 3, 40, 24, generator=torch.Generator().manual_seed(4))
+    for overrides in ([], ["spec=paper", "spec.groups=[[cls],[reg],[patch]]", "spec.final_norm=true"]):
+        out = export_weights(tmp_path / "v3.safetensors", tmp_path / f"out{len(overrides)}", overrides)
+        model = load_backbone(out)
+        assert model.rope_embed is not None and model.num_register_tokens == 3 and model.spec.final_norm
+        assert model.spec.num_groups == (3 if overrides else 2)
+        assert {m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-5}
+        with torch.no_grad():
+            a, b = source.forward_features(x), model.forward_features(x)
+        for key in FEATURES:
+            torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+
+
+@needs_reference
+def test_export_reference_into_a_specialised_backbone(tmp_path):
+    from dinospec.export import export_weights, load_backbone
+
+    out = export_weights(REFERENCE / "weights_untied.safetensors", tmp_path / "e",
+                         ["spec=paper", "spec.groups=[[cls],[reg],[patch]]", "spec.final_norm=true"])
+    diffs = max_abs_diffs(load_backbone(out), reference("inputs.safetensors"), reference("outputs_untied.safetensors"))
+    assert max(diffs.values()) <= TOL

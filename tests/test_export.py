@@ -14,7 +14,7 @@ import dinospec
 from dinospec.checkpoint import Checkpointer
 from dinospec.cli import main as cli_main
 from dinospec.config import as_container, load_config, to_yaml
-from dinospec.export import ExportError, export_run, load_backbone, save_backbone
+from dinospec.export import ExportError, export_run, export_weights, load_backbone, save_backbone
 from dinospec.models.specialize import vanilla_to_routed
 from dinospec.models.vit import VisionTransformer, build_backbone
 from dinospec.weights import WeightsError, convert_dinov2_state_dict, load_pretrained_backbone
@@ -284,6 +284,62 @@ def test_dinov2_checkpoint_variants(tmp_path):
             assert (got[key] - want[key]).abs().max() <= 1e-5, (name, key)
     assert set(convert_dinov2_state_dict(sd)) == set(build_backbone(cfg.student, dinospec_like(
         "none", 28, 0).spec, img_size=28).state_dict())
+
+
+@needs_dinov2
+def test_export_straight_from_a_dinov2_checkpoint(tmp_path, dinov2_vits14, capsys):
+    """`dinospec export FILE.pth --out DIR spec=paper`: architecture from the weights, the register family's
+    interpolation set, the spec converted; the exported backbone computes DINOv2's features, at its native size and,
+    interpolated, at another."""
+    ref = dinov2_vits14
+    sd = dict(ref.state_dict())
+    sd["register_tokens"] = torch.randn(1, 4, 384)
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in sd.items()}}, tmp_path / "teacher_checkpoint.pth")
+    out = tmp_path / "paper"
+    assert cli_main(["export", str(tmp_path / "teacher_checkpoint.pth"), "spec=paper", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "dinov2_reg weights" in printed and "specialised" in printed and "embed_dim 384" in printed
+    config = json.loads((out / "config.json").read_text())
+    assert config["student"]["arch"] == "vit_small" and config["img_size"] == 42
+    assert config["student"]["interpolate_offset"] == 0.0 and config["student"]["interpolate_antialias"] is True
+    assert config["spec"]["qkv"] == "first_third" and config["source"]["family"] == "dinov2_reg"
+    model = load_backbone(out)
+    assert any(".qkv.1." in k for k in model.state_dict())
+    x = images(size=42)
+    want = dinov2_features(ref, x, sd["register_tokens"])
+    with torch.no_grad():
+        got = model.forward_features(x)
+    for key in ("x_norm_clstoken", "x_norm_patchtokens", "x_prenorm"):
+        assert (got[key] - want[key]).abs().max() <= 1e-5, key
+    # --img-size: the learned grid resized at export exactly as the model resizes it at runtime
+    small = export_weights(tmp_path / "teacher_checkpoint.pth", tmp_path / "small", img_size=28)
+    resized = load_backbone(small)
+    assert resized.pos_embed.shape == (1, 1 + 4, 384)
+    assert torch.equal(resized.pos_embed, model.interpolate_pos_encoding(28, 28))
+
+
+def test_export_from_an_export_dir_converts_the_spec(tmp_path):
+    cfg = tiny_cfg("none")
+    source = tiny_model(cfg)
+    vanilla = save_backbone(source, tmp_path / "v", cfg.student, cfg.spec)
+    paper = export_weights(vanilla, tmp_path / "p", ["spec=paper"])
+    qkv = export_weights(paper, tmp_path / "q", ["spec.qkv=all"])  # spec.* on top of the source's spec
+    for out, spec in ((paper, "paper"), (qkv, None)):
+        loaded = load_backbone(out)
+        assert_same_features(source, loaded, images(), atol=1e-5)
+        assert_same_features(source, loaded, images(size=64), atol=1e-5)
+    config = json.loads((qkv / "config.json").read_text())
+    assert config["spec"]["qkv"] == "all" and config["spec"]["norm1"] == "all"  # paper's, kept
+    assert config["source"] == {"weights": str(paper.resolve()), "family": "dinospec"}
+    # refusals: one line, exit 2
+    assert cli_main(["export", str(vanilla), "model=vit_large", "--out", str(tmp_path / "x")]) == 2
+    assert cli_main(["export", str(vanilla), "spec.qkv=sometimes", "--out", str(tmp_path / "x")]) == 2
+    assert cli_main(["export", str(vanilla), "--step", "3", "--out", str(tmp_path / "x")]) == 2
+    run, _, _ = make_run(tmp_path, cfg)
+    assert cli_main(["export", str(run), "spec=paper", "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ExportError, match="not a multiple of the patch size"):
+        export_weights(vanilla, tmp_path / "odd", img_size=50)
 
 
 # ----------------------------------------------------------------------------------------------------------------
