@@ -96,6 +96,9 @@ def test_index_is_built_once_atomically_and_reads_what_the_tar_holds(tmp_path: P
         assert ds.describe(i) == old.describe(i) and ds.describe(i).endswith(samples[i][0])
     batch = ds.load_many([9, 2, 14, 2])
     assert [np.asarray(im).tobytes() for im in batch] == [np.asarray(ds.load(i)).tobytes() for i in (9, 2, 14, 2)]
+    few = IndexedTarDataset(ds.index, max_open=1)  # one open shard at a time: every switch closes the other
+    assert [np.asarray(few.load(i)).tobytes() for i in (0, 13, 1, 6)] == \
+        [np.asarray(ds.load(i)).tobytes() for i in (0, 13, 1, 6)] and len(few._open) == 1
     part = build_dataset(str(root / "shard-00000[23].tar"))  # a glob selects shards of the directory's index
     assert len(part) == 10 and np.array_equal(np.asarray(part.load(0)), np.asarray(ds.load(5)))
     one = build_dataset(str(root / "shard-000003.tar"))

@@ -13,7 +13,7 @@ import io
 import os
 import tarfile
 from collections import OrderedDict
-from typing import BinaryIO, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -34,8 +34,9 @@ class IndexedTarDataset(ImageDataset):
         self._reset()
 
     def _reset(self) -> None:
-        self._pid = os.getpid()
-        self._open: OrderedDict[int, tuple[BinaryIO, np.ndarray]] = OrderedDict()  # shard -> (file, records)
+        # shard -> (file descriptor, offsets, sizes, labels of its samples), least recently used first. Reads use
+        # pread (no shared file position), so descriptors a forked worker inherits stay correct in both processes.
+        self._open: OrderedDict[int, tuple[int, list[int], list[int], list[int]]] = OrderedDict()
         self._dead: dict[int, str] = {}  # shard -> why it cannot be read
 
     def __getstate__(self) -> dict:
@@ -54,12 +55,10 @@ class IndexedTarDataset(ImageDataset):
         """(shard, member row in the shard) of dataset index `index`."""
         if not 0 <= index < len(self):
             raise IndexError(f"sample {index} out of range [0, {len(self)})")
-        shard = int(np.searchsorted(self.index.starts, index, side="right")) - 1
+        shard = int(self.index.starts.searchsorted(index, side="right")) - 1
         return shard, index - int(self.index.starts[shard])
 
-    def _shard(self, shard: int) -> tuple[BinaryIO, np.ndarray]:
-        if self._pid != os.getpid():  # forked into a worker: never share the parent's file offsets
-            self._reset()
+    def _shard(self, shard: int) -> tuple[int, list[int], list[int], list[int]]:
         if shard in self._open:
             self._open.move_to_end(shard)
             return self._open[shard]
@@ -67,55 +66,74 @@ class IndexedTarDataset(ImageDataset):
         if shard in self._dead:
             raise BrokenImage(path, self._dead[shard])
         try:
-            handle = open(path, "rb")  # noqa: SIM115 - kept open, closed on eviction
+            fd = os.open(path, os.O_RDONLY)  # kept open, closed on eviction
         except OSError as e:
             self._dead[shard] = f"shard cannot be opened ({e.strerror or e})"
             raise BrokenImage(path, self._dead[shard]) from None
-        size, expected = os.fstat(handle.fileno()).st_size, int(self.index.shards["nbytes"][shard])
+        size, expected = os.fstat(fd).st_size, int(self.index.shards["nbytes"][shard])
         if size != expected:
-            handle.close()
+            os.close(fd)
             self._dead[shard] = (f"shard is {size} bytes, {expected} when indexed: rebuild the index with "
                                  f"`dinospec index {self.index.root} --force`")
             raise BrokenImage(path, self._dead[shard])
-        self._open[shard] = (handle, self.index.records(shard))
+        records = self.index.records(shard)  # as lists: per-sample lookups stay plain Python indexing
+        self._open[shard] = (fd, records["offset"].tolist(), records["size"].tolist(), records["label"].tolist())
         while len(self._open) > self.max_open:
-            old, _ = self._open.popitem(last=False)
-            old.close()
+            evicted = self._open.popitem(last=False)[1]
+            os.close(evicted[0])
         return self._open[shard]
 
     def read(self, index: int) -> bytes:
         """The image member's bytes; BrokenImage if its shard cannot be read."""
         shard, row = self.locate(index)
-        handle, records = self._shard(shard)
-        offset, size = int(records["offset"][row]), int(records["size"][row])
+        fd, offsets, sizes, _ = self._shard(shard)
+        size = sizes[row]
         try:
-            handle.seek(offset)
-            data = handle.read(size)
+            data = os.pread(fd, size, offsets[row])
         except OSError as e:
             raise BrokenImage(self.describe(index), f"cannot read shard: {e}") from None
         if len(data) != size:
             raise BrokenImage(self.describe(index), f"shard ends early ({len(data)} of {size} bytes)")
         return data
 
+    def _decode(self, data: bytes, index: int) -> Image.Image:
+        try:
+            return decode_image(io.BytesIO(data), "")
+        except BrokenImage as e:  # only now look up the member's name (a header read) for the message
+            raise BrokenImage(self.describe(index), e.reason) from None
+
     def load(self, index: int) -> Image.Image:
-        return decode_image(io.BytesIO(self.read(index)), self.describe(index))
+        return self._decode(self.read(index), index)
+
+    def read_many(self, indices: Sequence[int]) -> dict[int, bytes | BrokenImage]:
+        """The bytes of each distinct index (a failure as its BrokenImage), read in (shard, offset) order."""
+        wanted = np.unique(np.asarray(indices, dtype=np.int64))
+        if len(wanted) and not 0 <= wanted[0] <= wanted[-1] < len(self):
+            raise IndexError(f"samples {wanted[0]}..{wanted[-1]} out of range [0, {len(self)})")
+        shards = self.index.starts.searchsorted(wanted, side="right") - 1
+        rows = wanted - self.index.starts[shards]
+        out: dict[int, bytes | BrokenImage] = {}
+        for index, shard, row in zip(wanted.tolist(), shards.tolist(), rows.tolist()):
+            try:
+                fd, offsets, sizes, _ = self._shard(shard)
+                data = os.pread(fd, sizes[row], offsets[row])
+                if len(data) != sizes[row]:
+                    raise BrokenImage(self.describe(index), f"shard ends early ({len(data)} of {sizes[row]} bytes)")
+                out[index] = data
+            except OSError as e:
+                out[index] = BrokenImage(self.describe(index), f"cannot read shard: {e}")
+            except BrokenImage as e:
+                out[index] = e
+        return out
 
     def load_many(self, indices: Sequence[int]) -> list[Image.Image | BrokenImage]:
         """Read in (shard, offset) order (forward through each file), decode in the order asked."""
-        data: dict[int, bytes | BrokenImage] = {}
-        for index in sorted(set(indices)):
-            try:
-                data[index] = self.read(index)
-            except BrokenImage as e:
-                data[index] = e
+        data = self.read_many(indices)
         out: list[Image.Image | BrokenImage] = []
         for index in indices:
             raw = data[index]
-            if isinstance(raw, BrokenImage):
-                out.append(raw)
-                continue
             try:
-                out.append(decode_image(io.BytesIO(raw), self.describe(index)))
+                out.append(raw if isinstance(raw, BrokenImage) else self._decode(raw, index))
             except BrokenImage as e:
                 out.append(e)
         return out
@@ -124,16 +142,15 @@ class IndexedTarDataset(ImageDataset):
         if not self.index.labelled:
             return -1
         shard, row = self.locate(index)
-        return int(self._shard(shard)[1]["label"][row])
+        return self._shard(shard)[3][row]
 
     def describe(self, index: int) -> str:
         """shard path:member name (the member's tar header, read on demand: only log messages need it)."""
         shard, row = self.locate(index)
         path = self.index.shard_path(shard)
         try:
-            handle, records = self._shard(shard)
-            handle.seek(int(records["offset"][row]) - 512)
-            name = tarfile.TarInfo.frombuf(handle.read(512), "utf-8", "surrogateescape").name
+            fd, offsets, _, _ = self._shard(shard)
+            name = tarfile.TarInfo.frombuf(os.pread(fd, 512, offsets[row] - 512), "utf-8", "surrogateescape").name
         except (OSError, BrokenImage, tarfile.TarError):
             name = f"sample {row}"
         return f"{path}:{name}"
