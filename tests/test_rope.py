@@ -14,7 +14,7 @@ import torch
 
 from dinospec.config import ConfigError, load_config
 from dinospec.export import ExportError, load_backbone, save_backbone
-from dinospec.models.rope import RopePositions, apply_rope, rope_periods
+from dinospec.models.rope import RopePositions, RopeTables, apply_rope, rope_periods
 from dinospec.models.specialize import vanilla_to_routed
 from dinospec.models.vit import VisionTransformer, build_backbone
 
@@ -102,11 +102,12 @@ def test_scores_depend_on_relative_position_only():
     coords = rope.coords(3, 4) + torch.tensor([0.3, -0.7])
     periods = rope_periods(16)
     angles = (2 * torch.pi * coords[:, :, None] / periods).flatten(1).repeat(1, 2)
-    shifted = (angles.sin(), angles.cos())
-    scores = apply_rope(q, (sin, cos)) @ apply_rope(k, (sin, cos)).transpose(-1, -2)
+    shifted = RopeTables(angles.sin(), angles.cos())
+    tables = RopeTables(sin, cos)
+    scores = apply_rope(q, tables) @ apply_rope(k, tables).transpose(-1, -2)
     scores_shifted = apply_rope(q, shifted) @ apply_rope(k, shifted).transpose(-1, -2)
     torch.testing.assert_close(scores, scores_shifted, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(sin, shifted[0], atol=1e-2)
+    assert not torch.allclose(sin, shifted.sin, atol=1e-2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -138,7 +139,7 @@ def test_positions_matter_and_registers_are_not_rotated():
     assert not torch.allclose(ref, flipped, atol=1e-4)
     # attention's rope tables cover exactly the patch tokens: prefix length = the backbone's own num_prefix_tokens
     tables = model.rope_tables(32, 32, torch.device("cpu"))
-    assert tables[0].shape[0] == 16 and model.num_prefix_tokens == 3
+    assert tables.num_patches == 16 and model.num_prefix_tokens == 3
 
 
 def test_masks_replace_patches_before_attention():
@@ -279,3 +280,46 @@ def test_trains_with_subset_drop_path_and_crops_of_two_sizes():
     grads = {n: p.grad for n, p in model.named_parameters()}
     assert all(gr is not None and torch.isfinite(gr).all() for n, gr in grads.items() if n != "mask_token")
     assert grads["mask_token"].abs().sum() > 0
+
+
+FSDP2_SCRIPT = """
+import torch, torch.distributed as dist
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from dinospec.config import load_config
+from dinospec.models.vit import build_backbone
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+cfg = load_config(overrides=["model=vit_pico", "spec=paper", "student.depth=2", "student.embed_dim=32",
+                             "student.num_heads=2", "student.patch_size=8", "student.pos_embed=rope"])
+torch.manual_seed(0)
+model = build_backbone(cfg.student, cfg.spec, img_size=32).eval()
+x = torch.randn(2, 3, 24, 40)
+with torch.no_grad():
+    want = model(x)
+seen = []
+model.blocks[0].attn.register_forward_pre_hook(lambda m, args: seen.append(args[2].sin.dtype))
+mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+for block in model.blocks:
+    fully_shard(block, mp_policy=mp)
+fully_shard(model, mp_policy=mp)
+with torch.no_grad():
+    got = model(x)
+print("DTYPE", seen[0], "DIFF", (got.float() - want).abs().max().item(), got.dtype)
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp2_bf16_keeps_the_rope_tables_in_fp32():
+    """Under FSDP2's bf16 MixedPrecisionPolicy the blocks' inputs are cast to bf16; the RoPE tables reach
+    attention in float32 all the same, and the output agrees with fp32 to bf16 accuracy (one gloo rank)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", FSDP2_SCRIPT], capture_output=True, text=True, timeout=240, env=env,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("DTYPE"))
+    _, dtype, _, diff, _ = line.split()
+    assert dtype == "torch.float32"
+    assert float(diff) < 0.1

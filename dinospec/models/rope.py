@@ -20,8 +20,25 @@ from torch import Tensor, nn
 
 from dinospec.models.rope_config import check_rope_settings
 
-RopeTables = tuple[Tensor, Tensor]
-"""(sin, cos), each (num_patches, head_dim) float32: the rotation of every patch token, shared by all heads."""
+class RopeTables:
+    """sin and cos, each (num_patches, head_dim) float32: the rotation of every patch token, shared by all heads.
+
+    A plain class on purpose, not a tuple or dataclass: FSDP2's mixed precision casts every floating tensor it finds
+    in a block's inputs (through tuples, dicts and dataclasses) to bf16, and RoPE angles want float32 (as DINOv3
+    keeps them); a plain object passes through untouched.
+    """
+
+    __slots__ = ("sin", "cos")
+
+    def __init__(self, sin: Tensor, cos: Tensor):
+        self.sin, self.cos = sin, cos
+
+    def __iter__(self):  # sin, cos = tables
+        return iter((self.sin, self.cos))
+
+    @property
+    def num_patches(self) -> int:
+        return self.sin.shape[0]
 
 
 def rope_periods(head_dim: int, base: float | None = 100.0, min_period: float | None = None,
@@ -89,14 +106,14 @@ class RopePositions(nn.Module):
         periods = rope_periods(self.head_dim, self.base, self.min_period, self.max_period, device)
         angles = 2 * math.pi * coords[:, :, None] / periods  # (N, 2, D/4)
         angles = angles.flatten(1).repeat(1, 2)  # (N, D): [y angles | x angles] twice
-        return angles.sin(), angles.cos()
+        return RopeTables(angles.sin(), angles.cos())
 
 
 def apply_rope(x: Tensor, tables: RopeTables) -> Tensor:
     """Rotate the last num_patches positions of x (B, H, N, D) by `tables`; the N - num_patches prefix tokens before
     them are left as they are. Computed in float32, returned in x's dtype."""
     sin, cos = tables
-    prefix = x.shape[-2] - sin.shape[0]
+    prefix = x.shape[-2] - tables.num_patches
     patches = x[..., prefix:, :].float()
     first, second = patches.chunk(2, dim=-1)
     rotated = patches * cos + torch.cat([-second, first], dim=-1) * sin
