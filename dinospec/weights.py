@@ -239,7 +239,6 @@ def _plain_name(key: str) -> str:
     return f"{m[1]}.{m[3]}" if m else key
 
 
-
 def model_settings(model: VisionTransformer) -> dict[str, Any]:
     """The student.* settings a built model computes with (those a checkpoint family can require)."""
     eps = {m.eps for m in model.modules() if isinstance(m, nn.LayerNorm)}

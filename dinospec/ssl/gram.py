@@ -17,7 +17,6 @@ detached (it is a frozen model's output). Checked against DINOv3's own values in
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
