@@ -240,7 +240,7 @@ class Checkpointer:
             upload = _dcp(dcp.async_save, tree, **kwargs)
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-publish")
-            self._pending = self._executor.submit(self._complete, upload, step, Path(tmp), config_yaml)
+            self._pending = self._executor.submit(self._complete_or_report, upload, step, Path(tmp), config_yaml)
         else:
             self._pending = Future()
             try:
@@ -282,6 +282,18 @@ class Checkpointer:
             return str(tmp)
         except OSError as e:
             return f"error: {e}"
+
+    def _complete_or_report(self, upload: Future, step: int, tmp: Path, config_yaml: str) -> None:
+        """An async save's background part: its failure is logged the moment it happens, first and naming the
+        checkpoint (on a full disk the training loop's next write fails too, and that must not be the first word);
+        wait() raises it on every rank."""
+        try:
+            self._complete(upload, step, tmp, config_yaml)
+        except _FAILURES as e:
+            previous = self._named_by_latest()
+            log.error("checkpoint step %d could not be saved: %s; %s still names %s", step, _describe(e),
+                      self.dir / LATEST, f"step_{previous}" if previous is not None else "no checkpoint")
+            raise
 
     def _complete(self, upload: Future | None, step: int, tmp: Path, config_yaml: str) -> None:
         """After DCP's write, which ends once every rank's files are written; the publish is rank 0's alone."""

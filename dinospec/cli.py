@@ -61,9 +61,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     # several SLURM tasks started by srun without a MASTER_PORT: rank 0 publishes a free port in the run dir
     job = "_".join(os.environ.get(k, "0") for k in ("SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_RESTART_COUNT"))
+    from dinospec.checkpoint import CheckpointError
+
     try:
         dist.init_distributed(cfg.compute.device, rendezvous_file=Path(cfg.train.output_dir) / f".rendezvous_{job}")
         outcome = train(cfg, resume=resume)
+    except CheckpointError as e:  # a save that failed (a full disk) or a checkpoint that cannot be loaded
+        if os.environ.get("DINOSPEC_DEBUG"):
+            raise
+        print(f"dinospec: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
     finally:
         dist.shutdown()
     return EXIT_PREEMPTED if outcome.status == "preempted" else 0

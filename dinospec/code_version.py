@@ -1,9 +1,10 @@
 """Which code a run runs, and a frozen copy of it for SLURM jobs.
 
 A requeued job starts again hours later and imports whatever is in its working directory then. So `dinospec
-submit` snapshots the repository (submitit's RsyncSnapshot: a shallow clone of HEAD, then the tracked files as
-they are in the working tree, uncommitted edits included) into ``<run>/code/<time>-<commit>/`` and submits from
-there: every run of the job, requeues included, imports that copy. Each writer of a run records `describe()`
+submit` snapshots the repository (submitit's RsyncSnapshot: a shallow clone of HEAD, then the working tree's
+files as they are now: tracked ones with uncommitted edits, and untracked ones git does not ignore, since an edited
+module may import a new one) into ``<run>/code/<time>-<commit>/`` and submits from there: every run of the job,
+requeues included, imports that copy. Each writer of a run records `describe()`
 (commit, dirty flag, where the code was imported from) in ``<run>/writers.jsonl`` (dinospec/run_lease.py).
 """
 
@@ -42,7 +43,14 @@ def describe(root: Path | None = None) -> dict[str, Any]:
     if commit is None:
         return {"commit": None, "dirty": None, "version": dinospec.__dict__.get("__version__"), "source": str(root)}
     modified = (_git(root, "diff", "--name-only", "HEAD") or "").splitlines()  # tracked files, staged or not
-    return {"commit": commit, "dirty": bool(modified), "modified": modified[:50], "source": str(root)}
+    untracked = _untracked(root)
+    return {"commit": commit, "dirty": bool(modified or untracked), "modified": modified[:50],
+            "untracked": untracked[:50], "source": str(root)}
+
+
+def _untracked(root: Path) -> list[str]:
+    """Files git neither tracks nor ignores (new modules not committed yet)."""
+    return [f for f in (_git(root, "ls-files", "--others", "--exclude-standard") or "").splitlines() if f]
 
 
 def snapshot_available() -> str | None:
@@ -67,7 +75,11 @@ def snapshot(run_dir: Path) -> Iterator[Path]:
     target = Path(run_dir).absolute() / CODE_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}-{commit}"
     ok = False
     try:
-        with RsyncSnapshot(target, root_dir=root):
+        # the shallow clone RsyncSnapshot would make, without git's progress lines on the user's terminal
+        target.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["git", "clone", "--quiet", "--depth=2", f"file://{root}", str(target)], check=True,
+                       capture_output=True, timeout=600)
+        with RsyncSnapshot(target, root_dir=root, include=_untracked(root)):
             yield target
         ok = True
     finally:

@@ -175,6 +175,8 @@ def with_absolute_paths(cfg: DictConfig) -> DictConfig:
         value = OmegaConf.select(cfg, key)
         if value:
             OmegaConf.update(cfg, key, os.path.abspath(os.path.expanduser(str(value))))
+    for source in cfg.data.sources:
+        source.path = os.path.abspath(os.path.expanduser(str(source.path)))
     return cfg
 
 
@@ -204,9 +206,28 @@ def _remove(paths: list[Path]) -> None:
             path.unlink(missing_ok=True)
 
 
-def _sbatch_message(error: BaseException) -> str:
-    lines = [re.sub(r"^sbatch: error: ", "", line).strip() for line in str(error).splitlines()]
+def _sbatch_message(error: BaseException | str) -> str:
+    lines = [re.sub(r"^(sbatch: error|allocation failure): ", "", line).strip() for line in str(error).splitlines()]
     return "; ".join(line for line in lines if line) or type(error).__name__
+
+
+def _sbatch_test_only(executor: submitit.SlurmExecutor) -> None:
+    """`sbatch --test-only` with the job's own script: SLURM validates the request (partition, memory, time, ...)
+    without queueing anything, so a refusal leaves nothing behind (and a job SLURM could never start is refused
+    instead of pending forever)."""
+    import subprocess
+    import tempfile
+
+    text = executor._make_submission_file_text(executor._submitit_command_str, "test-only")
+    with tempfile.NamedTemporaryFile("w", suffix=".sh") as script:
+        script.write(text)
+        script.flush()
+        try:
+            out = subprocess.run(["sbatch", "--test-only", script.name], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError) as e:
+            raise SubmitError(f"sbatch could not be run: {e}") from None
+    if out.returncode != 0:
+        raise SubmitError(f"sbatch refused the job: {_sbatch_message(out.stderr or out.stdout)}")
 
 
 def submit(cfg: DictConfig, res: Resources, local: bool = False, snapshot: bool = True) -> submitit.Job:
@@ -219,12 +240,14 @@ def submit(cfg: DictConfig, res: Resources, local: bool = False, snapshot: bool 
 
     cfg = with_absolute_paths(cfg)
     run_dir = Path(cfg.train.output_dir)
+    executor = make_executor(cfg, res, local)
+    if not local:
+        _sbatch_test_only(executor)  # type: ignore[arg-type]
     missing = next((p for p in reversed([run_dir, *run_dir.parents]) if not p.exists()), None)
     before = _listing(run_dir)
     lease = RunLease(run_dir, holder=this_process("submit")).acquire()
     try:
         job = TrainJob(to_yaml(cfg), lease.token)
-        executor = make_executor(cfg, res, local)
         stderr = io.StringIO()
         with contextlib.ExitStack() as stack:
             if snapshot:
@@ -436,6 +459,8 @@ def resources_from_args(args: argparse.Namespace, cfg: DictConfig) -> Resources:
 def resume_step(cfg: DictConfig) -> int | None:
     """The step a (re)submitted run resumes from (None: a fresh run). A run directory whose checkpoints another,
     incompatible config wrote fails here with ConfigError, not hours later when the job leaves the queue."""
+    if not (Path(cfg.train.output_dir) / "checkpoints").is_dir():
+        return None  # a fresh run: no need to import torch
     from dinospec.checkpoint import Checkpointer, CheckpointError
     from dinospec.trainer import check_compatible
 

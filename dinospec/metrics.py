@@ -3,33 +3,54 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import sys
 import time
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, TextIO
 
 CONSOLE_KEYS = ("loss", "dino_loss", "ibot_loss", "koleo_loss", "lr", "mom", "img_s")
+PLAIN_EVERY_S = 30.0  # a console that is not a terminal gets one progress line per this many seconds at most
+
+log = logging.getLogger(__name__)
 
 
 class MetricsLogger:
-    """Rank 0 writes; other ranks construct it with enabled=False and every call is a no-op."""
+    """Rank 0 writes; other ranks construct it with enabled=False and every call is a no-op.
+
+    Progress: a tqdm bar on a terminal; on anything else (a SLURM log file, `| tee`) one plain line per logged step
+    at most every `plain_every_s` seconds, plus the first and the last, since a bar rewrites itself into a file
+    hundreds of times. A metrics.jsonl that cannot be written (a full disk) is reported once and then skipped:
+    the run's own failure (say, the checkpoint that could not be saved) is the error to report, not this one.
+    """
 
     def __init__(self, run_dir: Path, enabled: bool, total_steps: int, start_step: int, progress: bool = True,
-                 wandb_cfg: Mapping[str, Any] | None = None, config: Mapping[str, Any] | None = None):
+                 wandb_cfg: Mapping[str, Any] | None = None, config: Mapping[str, Any] | None = None,
+                 console: TextIO | None = None, plain_every_s: float = PLAIN_EVERY_S):
         self.enabled = enabled
         self._file = None
+        self._path = run_dir / "metrics.jsonl"
         self._bar = None
         self._wandb = None
+        self._console = console if console is not None else sys.stdout
+        self._plain = progress and not _isatty(self._console)
+        self._plain_every_s = plain_every_s
+        self._total, self._start = total_steps, start_step
+        self._t0 = time.monotonic()
+        self._last_line: float | None = None
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        drop_records_after(run_dir / "metrics.jsonl", start_step)
-        self._file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
-        if progress:
+        drop_records_after(self._path, start_step)
+        self._file = open(self._path, "a", encoding="utf-8")
+        if progress and not self._plain:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total_steps, initial=start_step, unit="it", dynamic_ncols=True, smoothing=0.1)
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="it", dynamic_ncols=True, smoothing=0.1,
+                             file=self._console)
         if wandb_cfg and wandb_cfg.get("enabled"):
             self._wandb = _init_wandb(run_dir, wandb_cfg, config or {})
 
@@ -37,13 +58,32 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"step": step, "time": round(time.time(), 3), **metrics}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        if self._file is not None:
+            try:
+                self._file.write(json.dumps(record) + "\n")
+                self._file.flush()
+            except OSError as e:
+                log.error("cannot write %s (%s): metrics are no longer recorded there", self._path, e)
+                self._drop_file()
         if self._wandb is not None:
             self._wandb.log(dict(metrics), step=step)
+        shown = {k: _short(metrics[k]) for k in CONSOLE_KEYS if k in metrics}
         if self._bar is not None:
-            shown = {k: _short(metrics[k]) for k in CONSOLE_KEYS if k in metrics}
             self._bar.set_postfix(shown, refresh=False)
+        elif self._plain:
+            self._plain_line(step, shown)
+
+    def _plain_line(self, step: int, shown: Mapping[str, Any]) -> None:
+        now = time.monotonic()
+        due = self._last_line is None or now - self._last_line >= self._plain_every_s or step >= self._total
+        if not due:
+            return
+        self._last_line = now
+        done, elapsed = step - self._start, now - self._t0
+        eta = timedelta(seconds=round(elapsed / done * (self._total - step))) if done > 0 else "?"
+        values = " ".join(f"{k} {v}" for k, v in shown.items())
+        print(f"step {step}/{self._total} ({100 * step / max(self._total, 1):.1f}%) {values} "
+              f"elapsed {timedelta(seconds=round(elapsed))} eta {eta}", file=self._console, flush=True)
 
     def advance(self, steps: int = 1) -> None:
         if self._bar is not None:
@@ -54,17 +94,35 @@ class MetricsLogger:
         if not self.enabled:
             return
         if self._bar is not None:
-            self._bar.write(message)
+            self._bar.write(message, file=self._console)
         else:
-            print(message, flush=True)
+            print(message, file=self._console, flush=True)
+
+    def _drop_file(self) -> None:
+        try:
+            self._file.close()
+        except OSError:  # the buffered bytes cannot be flushed either
+            pass
+        self._file = None
 
     def close(self) -> None:
-        for closer in (self._bar, self._file):
-            if closer is not None:
-                closer.close()
+        if self._bar is not None:
+            self._bar.close()
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError as e:
+                log.error("cannot write %s (%s)", self._path, e)
         if self._wandb is not None:
             self._wandb.finish()
         self._bar = self._file = self._wandb = None
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or closed
+        return False
 
 
 def drop_records_after(path: Path, step: int) -> None:

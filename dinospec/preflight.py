@@ -17,20 +17,20 @@ from omegaconf import DictConfig
 from dinospec.config import ConfigError
 
 
-def _check_data_path(path: str, kind: str) -> None:
+def _check_data_path(path: str, kind: str, key: str) -> None:
     if glob.has_magic(path):
         if not glob.glob(path):
-            raise ConfigError(f"config key 'data.path' = {path!r} matches no files")
+            raise ConfigError(f"config key '{key}' = {path!r} matches no files")
         return
     p = Path(path)
     if not p.exists():
-        raise ConfigError(f"config key 'data.path' = {path!r} does not exist")
+        raise ConfigError(f"config key '{key}' = {path!r} does not exist")
     if kind == "folder" and not p.is_dir():
-        raise ConfigError(f"config key 'data.path' = {path!r} is not a folder (data.kind=folder)")
+        raise ConfigError(f"config key '{key}' = {path!r} is not a folder (kind folder)")
     if kind == "filelist" and not p.is_file():
-        raise ConfigError(f"config key 'data.path' = {path!r} is not a file list (data.kind=filelist)")
+        raise ConfigError(f"config key '{key}' = {path!r} is not a file list (kind filelist)")
     if not os.access(p, os.R_OK):
-        raise ConfigError(f"config key 'data.path' = {path!r} is not readable")
+        raise ConfigError(f"config key '{key}' = {path!r} is not readable")
 
 
 def check_writable_dir(path: str | Path, what: str) -> None:
@@ -51,7 +51,11 @@ def check_writable_dir(path: str | Path, what: str) -> None:
 
 def check_run_paths(cfg: DictConfig, resume: str | None = None) -> None:
     """Every path the run will read exists and its output directory can be written; ConfigError naming the key."""
-    _check_data_path(str(cfg.data.path), cfg.data.kind)
+    if cfg.data.sources:  # a mixture replaces data.path
+        for k, source in enumerate(cfg.data.sources):
+            _check_data_path(str(source.path), source.kind, f"data.sources[{k}].path")
+    else:
+        _check_data_path(str(cfg.data.path), cfg.data.kind, "data.path")
     ev = cfg.evaluation
     if ev.knn_period_steps:
         for key in ("knn_train", "knn_val"):

@@ -53,6 +53,7 @@ REFUSALS = [  # (command, override, what the one line says)
     ("submit", "checkpoint.period_steps=0", "'checkpoint.period_steps' = 0 must be >= 1"),
     ("train", "data.path=/no/such/images", "'data.path' = '/no/such/images' does not exist"),
     ("submit", "data.path=/no/such/images", "'data.path' = '/no/such/images' does not exist"),
+    ("submit", "data.sources=[{path: /no/such/shards}]", "'data.sources[0].path' = '/no/such/shards' does not"),
     ("train", "student.pretrained_weights=/no/such.pth", "student.pretrained_weights"),
     ("train", "train.output_dir={tmp}/file/run", "cannot be created"),
 ]
@@ -62,7 +63,8 @@ REFUSALS = [  # (command, override, what the one line says)
 def test_config_errors_are_refused_at_once_in_one_line(tmp_path, no_torch, command, override, message):
     (tmp_path / "file").write_text("a file, not a folder")
     before = sorted(p.name for p in tmp_path.iterdir())
-    args = [command, f"data.path={PHOTOS}", f"train.output_dir={tmp_path / 'run'}", override.format(tmp=tmp_path)]
+    args = [command, f"data.path={PHOTOS}", f"train.output_dir={tmp_path / 'run'}",
+            override.replace("{tmp}", str(tmp_path))]
     env = {**os.environ, "PYTHONPATH": f"{no_torch}{os.pathsep}{REPO}"}
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "dinospec.cli", *args], cwd=tmp_path, env=env, capture_output=True,
@@ -286,3 +288,131 @@ def test_every_tensor_collective_in_dinospec_goes_through_the_device_check():
             if any(f"dist.{op}" in code for op in raw) and "dist.gather_stacked" not in code:
                 offenders.append(f"{path.relative_to(REPO)}:{n}: {line.strip()}")
     assert not offenders, offenders
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5: an async save on a full disk
+
+
+def _tmpfs(path: Path, size: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def _fill(disk: Path, leave_bytes: int) -> None:
+    """Write a ballast file until only `leave_bytes` are free on the file system of `disk`."""
+    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+    with open(disk / "ballast", "wb") as f:
+        f.write(b"\0" * max(0, free - leave_bytes))
+
+
+@pytest.mark.slow
+def test_async_save_on_a_full_disk_is_reported_first_and_the_previous_checkpoint_stays(tmp_path):
+    from conftest import tiny_overrides
+
+    from dinospec.checkpoint import load_model_state
+
+    disk = tmp_path / "disk"
+    if not _tmpfs(disk, "16m"):
+        pytest.skip("cannot mount a tmpfs here (needs root): no full disk to test on")
+    try:
+        run_dir = disk / "run"
+        args = tiny_overrides(run_dir, PHOTOS, **{"checkpoint.async_save": "true", "checkpoint.period_steps": 2,
+                                                  "checkpoint.keep_last": 2, "train.max_steps": 40})
+        proc = subprocess.Popen([sys.executable, "-m", "dinospec.cli", "train", *args], cwd=REPO,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        latest = run_dir / "checkpoints" / "latest"
+        deadline = time.time() + 120
+        while not (latest.exists() and latest.read_text().strip() == "step_2"):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGSTOP)  # the disk fills while the run stands still (a checkpoint needs ~1 MB)
+        _fill(disk, leave_bytes=64 * 1024)
+        proc.send_signal(signal.SIGCONT)
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 1, err[-3000:]
+        errors = [line for line in err.splitlines() if "ERROR" in line or line.startswith("dinospec:")]
+        assert "checkpoint step 4 could not be saved" in errors[0] and "No space left on device" in errors[0], err
+        assert "still names step_2" in errors[0]
+        assert "Traceback" not in err, err[-3000:]
+        assert err.strip().splitlines()[-1].startswith("dinospec: error: checkpoint save failed")
+        assert latest.read_text().strip() == "step_2"
+        (disk / "ballast").unlink()
+        state = load_model_state(run_dir)  # verified and loaded: the previous checkpoint is intact
+        assert any(k.startswith("teacher.") for k in state)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 7: progress on a terminal and on a log file
+
+
+def _log_steps(logger, steps: int) -> None:
+    for step in range(1, steps + 1):
+        logger.advance()
+        logger.log(step, {"loss": 1.0 / step, "lr": 1e-3, "img_s": 12.5})
+
+
+def test_progress_on_a_log_file_is_a_few_plain_lines(tmp_path):
+    from dinospec.metrics import MetricsLogger
+
+    with open(tmp_path / "job.out", "w") as console:  # what SLURM's --output is: a file, not a terminal
+        logger = MetricsLogger(tmp_path / "run", True, 500, 0, progress=True, console=console, plain_every_s=3600)
+        _log_steps(logger, 500)
+        logger.close()
+    text = (tmp_path / "job.out").read_text()
+    assert "\r" not in text and "\x1b" not in text
+    lines = text.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("step 1/500 (0.2%) loss 1 lr 0.001 img_s 12.5")
+    assert lines[1].startswith("step 500/500 (100.0%) loss 0.002") and "eta 0:00:00" in lines[1]
+    with open(tmp_path / "job2.out", "w") as console:  # every logged step when the interval is 0
+        logger = MetricsLogger(tmp_path / "run2", True, 50, 10, progress=True, console=console, plain_every_s=0)
+        _log_steps(logger, 40)
+        logger.close()
+    assert len((tmp_path / "job2.out").read_text().splitlines()) == 40
+
+
+def test_progress_on_a_terminal_is_a_bar(tmp_path):
+    from dinospec.metrics import MetricsLogger
+
+    import fcntl
+    import struct
+    import termios
+
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
+    with os.fdopen(slave, "w") as console:
+        assert console.isatty()
+        logger = MetricsLogger(tmp_path / "run", True, 20, 0, progress=True, console=console)
+        _log_steps(logger, 20)
+        logger.close()
+    os.set_blocking(master, False)
+    shown = b""
+    try:
+        while chunk := os.read(master, 65536):
+            shown += chunk
+    except (BlockingIOError, OSError):
+        pass
+    os.close(master)
+    assert b"\r" in shown and b"20/20" in shown and b"step 20/20" not in shown
+
+
+def test_metrics_on_a_full_disk_are_reported_once_and_do_not_stop_the_run(tmp_path, caplog):
+    from dinospec.metrics import MetricsLogger
+
+    disk = tmp_path / "disk"
+    if not _tmpfs(disk, "1m"):
+        pytest.skip("cannot mount a tmpfs here (needs root): no full disk to test on")
+    try:
+        logger = MetricsLogger(disk / "run", True, 100, 0, progress=False)
+        _fill(disk, leave_bytes=0)
+        with caplog.at_level("ERROR", logger="dinospec.metrics"):
+            _log_steps(logger, 100)
+            logger.close()
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and "No space left on device" in errors[0] and "metrics.jsonl" in errors[0]
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
