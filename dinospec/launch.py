@@ -479,7 +479,12 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)  # a bad config fails here, before anything is queued
     res = resources_from_args(args, cfg)
-    check_run_paths(cfg)  # a missing data folder now, not 30 s into the job
+    try:
+        check_run_paths(cfg)  # a missing data folder now, not 30 s into the job
+    except ConfigError as e:
+        if not args.dry_run:
+            raise
+        print(f"dinospec: note: {e}", file=sys.stderr)  # the script may be meant for another machine
     if not (args.dry_run or args.local or args.no_snapshot):
         from dinospec.code_version import snapshot_available
 
