@@ -323,3 +323,37 @@ def test_fsdp2_bf16_keeps_the_rope_tables_in_fp32():
     _, dtype, _, diff, _ = line.split()
     assert dtype == "torch.float32"
     assert float(diff) < 0.1
+
+
+@pytest.mark.slow
+def test_training_run_with_rope_resumes_bitwise_and_exports(tmp_path):
+    """`dinospec train` with RoPE and train-time coordinate augmentation on real images: 4 steps straight equal,
+    bitwise, 2 steps + a resume to 4 (the augmentation's draws come back with the RNG state); losses finite; the
+    run's teacher exports and loads as a RoPE backbone."""
+    import json
+    import sys
+
+    from conftest import REPO, run_cli
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from torture_resume import differences, final_state, train_args
+
+    from dinospec.export import export_run
+
+    rope = {"student.pos_embed": "rope", "student.rope_rescale_coords": 2.0, "student.rope_jitter_coords": 1.2,
+            "student.rope_shift_coords": 0.1, "checkpoint.period_steps": 2}
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_cli(train_args(straight, **rope, **{"train.max_steps": 4}))
+    run_cli(train_args(resumed, **rope, **{"train.max_steps": 2}))
+    run_cli(train_args(resumed, **rope, **{"train.max_steps": 4}))
+    reference = final_state(straight, 4)
+    assert not any("pos_embed" in k for k in reference)
+    diffs = differences(reference, final_state(resumed, 4))
+    assert not diffs, diffs[:6]
+    records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    loaded = load_backbone(export_run(straight, tmp_path / "export"))
+    assert loaded.rope_embed is not None and loaded.rope_embed.rescale_coords == 2.0
+    with torch.no_grad():
+        assert loaded.forward_features(images(24, 40))["x_norm_patchtokens"].shape == (2, 15, 32)
