@@ -416,3 +416,55 @@ def test_metrics_on_a_full_disk_are_reported_once_and_do_not_stop_the_run(tmp_pa
         assert len(errors) == 1 and "No space left on device" in errors[0] and "metrics.jsonl" in errors[0]
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6: unreadable images in `dinospec eval`
+
+
+def _split_with_broken_files(root: Path, source: Path, per_class: int) -> list[Path]:
+    """A copy of a labelled split (a few images per class) with a truncated JPEG and an empty PNG added."""
+    import shutil
+
+    for class_dir in sorted(p for p in source.iterdir() if p.is_dir()):
+        (root / class_dir.name).mkdir(parents=True)
+        for image in sorted(class_dir.iterdir())[:per_class]:
+            shutil.copy(image, root / class_dir.name / image.name)
+    first, second = sorted(p for p in root.iterdir() if p.is_dir())[:2]
+    truncated = first / "truncated.jpg"
+    truncated.write_bytes((PHOTOS / "skimage_coffee.jpg").read_bytes()[:200])
+    empty = second / "empty.png"
+    empty.write_bytes(b"")
+    return [truncated, empty]
+
+
+@pytest.mark.parametrize("task", ["knn", "linear"])
+def test_eval_skips_counts_and_reports_unreadable_images(task, tmp_path, capsys, caplog):
+    from dinospec.cli import main
+    from dinospec.export import save_backbone
+    from dinospec.models.vit import build_backbone
+
+    fashion = REPO / "data" / "eval" / "fashion_mnist"
+    train_broken = _split_with_broken_files(tmp_path / "train", fashion / "train", per_class=6)
+    val_broken = _split_with_broken_files(tmp_path / "val", fashion / "val", per_class=3)
+    student = dict(arch="vit_pico", patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=4.0,
+                   num_register_tokens=0, layerscale=1e-5, qkv_bias=True, proj_bias=True, ffn_bias=True,
+                   attn_backend="sdpa", interpolate_offset=0.1, interpolate_antialias=False, drop_path_rate=0.0)
+    spec = dict(groups=[["cls"], ["reg", "patch"]], norm1="none", qkv="none", proj="none", norm2="none",
+                mlp="none", ls1="none", ls2="none", final_norm=False)
+    torch.manual_seed(0)
+    export = save_backbone(build_backbone(student, spec, img_size=32), tmp_path / "export", student, spec)
+    out = tmp_path / "result.json"
+    extra = ["--k", "5"] if task == "knn" else ["--l2", "0.01"]
+    with caplog.at_level("WARNING", logger="dinospec.eval.features"):
+        rc = main(["eval", task, "--backbone", str(export), "--img-size", "32", "--json", str(out), "--no-progress",
+                   "--train", str(tmp_path / "train"), "--val", str(tmp_path / "val"), *extra])
+    assert rc == 0, capsys.readouterr().err
+    results = json.loads(out.read_text())["results"]
+    skipped = results["skipped_images"]
+    assert sorted(s.split(":")[0].removeprefix("cannot read image ") for s in skipped["train"]) == \
+        sorted(map(str, train_broken))
+    assert len(skipped["val"]) == 2 and results["num_train"] == 60 and results["num_val"] == 30
+    warnings = [r.getMessage() for r in caplog.records if "skipping unreadable image" in r.getMessage()]
+    assert len(warnings) == 4  # each broken file once
+    assert "2 unreadable train image(s), 2 unreadable val image(s)" in capsys.readouterr().out

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from dinospec.eval.features import (SegmentationFolder, extract_features, load_eval_backbone,
+from dinospec.eval.features import (Features, SegmentationFolder, extract_features, load_eval_backbone,
                                     paired_image_folders, read_class_names)
 from dinospec.eval.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, knn_accuracy
 from dinospec.eval.linear import DEFAULT_HOLDOUT, DEFAULT_L2S, DEFAULT_MAX_ITER, linear_probe
@@ -50,7 +50,7 @@ def eval_knn(backbone: nn.Module, train: str | Path, val: str | Path, *, ks: Seq
     acc = knn_accuracy(tr.cls, tr.targets, va.cls, va.targets, ks, temperature)
     return {"top1_by_k": {str(k): 100.0 * a for k, a in acc.items()}, "temperature": temperature,
             "features": "cls (L2-normalised, cosine similarity)", "classes": train_set.classes,
-            "num_train": len(train_set), "num_val": len(val_set)}
+            "num_train": len(tr.cls), "num_val": len(va.cls), "skipped_images": _skipped(tr, va)}
 
 
 def eval_linear(backbone: nn.Module, train: str | Path, val: str | Path, *, img_size: int = 224,
@@ -69,6 +69,7 @@ def eval_linear(backbone: nn.Module, train: str | Path, val: str | Path, *, img_
                           seed=seed)
     result["features"] = "cls + mean patch token" if concat_patch_mean else "cls"
     result["classes"] = train_set.classes
+    result["skipped_images"] = _skipped(tr, va)
     return result
 
 
@@ -89,8 +90,15 @@ def eval_seg(backbone: nn.Module, train: str | Path, val: str | Path, *, img_siz
             num_classes = int(labels[labels != IGNORE_INDEX].max()) + 1
     if names and len(names) != num_classes:
         names = None
-    return seg_probe(tr.patches, tr.targets, va.patches, va.targets, num_classes, lrs=lrs, steps=steps,
-                     holdout=holdout, batchnorm=batchnorm, seed=seed, class_names=names)
+    result = seg_probe(tr.patches, tr.targets, va.patches, va.targets, num_classes, lrs=lrs, steps=steps,
+                       holdout=holdout, batchnorm=batchnorm, seed=seed, class_names=names)
+    result["skipped_images"] = _skipped(tr, va)
+    return result
+
+
+def _skipped(train: Features, val: Features) -> dict[str, list[str]]:
+    """The unreadable images left out of each split ("path: reason"), as training skips them too."""
+    return {"train": train.skipped, "val": val.skipped}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -159,6 +167,9 @@ def _rows(task: str, r: dict) -> list[tuple[str, str]]:
 def format_table(report: dict) -> str:
     rows = [("backbone", report["backbone"]), ("train", f"{report['train']} ({report['results']['num_train']})"),
             ("val", f"{report['val']} ({report['results']['num_val']})"), ("img size", str(report["img_size"]))]
+    skipped = report["results"].get("skipped_images", {})
+    if any(skipped.values()):
+        rows.append(("skipped", ", ".join(f"{len(v)} unreadable {k} image(s)" for k, v in skipped.items() if v)))
     rows += _rows(report["task"], report["results"])
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -5,20 +5,24 @@ the linear probes), so the expensive part — the backbone forward — runs exac
 
 Preprocessing (every probe, every split): resize the shorter side to ``img_size`` (bicubic; nearest for masks),
 centre-crop ``img_size`` x ``img_size``, ImageNet mean/std. Greyscale images are converted to RGB.
+
+An image that cannot be read (truncated, empty, not an image) is skipped, as in training: each is logged once
+with its path, and `Features.skipped` lists them, so a report can say how many were left out.
 """
 
 from __future__ import annotations
 
+import logging
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import InterpolationMode
 from tqdm import tqdm
@@ -27,6 +31,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MASK_EXTENSION = ".png"
+
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -190,6 +196,29 @@ class Features:
     patch_mean: Tensor  # (N, D) mean of the normalised patch tokens
     targets: Tensor
     patches: Tensor | None = None  # (N, D, h, w) normalised patch tokens on their grid
+    skipped: list[str] = field(default_factory=list)  # "path: reason" of each unreadable image left out
+
+
+class _SkipUnreadable(Dataset):
+    """Items of `dataset` as (item, None), or (None, "path: reason") for an image that cannot be read."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[Any, str | None]:
+        try:
+            return self.dataset[i], None
+        except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for broken files
+            return None, str(e)
+
+
+def _collate_readable(batch: list[tuple[Any, str | None]]) -> tuple[Any, list[str]]:
+    """The readable items collated as usual (None if there are none) and the reasons of the others."""
+    items = [item for item, error in batch if error is None]
+    return (default_collate(items) if items else None), [error for _, error in batch if error is not None]
 
 
 @torch.no_grad()
@@ -206,10 +235,17 @@ def extract_features(backbone: nn.Module, dataset: Dataset, *, batch_size: int =
     was_training = backbone.training
     backbone.eval()
     backbone.to(dev)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    cls, means, targets, patches = [], [], [], []
+    loader = DataLoader(_SkipUnreadable(dataset), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=_collate_readable)
+    cls, means, targets, patches, skipped = [], [], [], [], []
     try:
-        for images, target in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        for batch, errors in tqdm(loader, desc=desc, disable=not progress, leave=False):
+            for error in errors:  # each image once: the loader visits every index once
+                skipped.append(error)
+                log.warning("%s: skipping unreadable image %s; %d skipped so far", desc, error, len(skipped))
+            if batch is None:
+                continue
+            images, target = batch
             out = backbone.forward_features(images.to(dev, non_blocking=True))
             tokens = out["x_norm_patchtokens"].float()  # (B, N, D)
             cls.append(out["x_norm_clstoken"].float().cpu())
@@ -223,6 +259,6 @@ def extract_features(backbone: nn.Module, dataset: Dataset, *, batch_size: int =
         backbone.to(backbone_device)
         backbone.train(was_training)
     if not cls:
-        raise ValueError(f"{desc}: the data set is empty")
+        raise ValueError(f"{desc}: the data set is empty" + (f" ({len(skipped)} unreadable images)" if skipped else ""))
     return Features(torch.cat(cls), torch.cat(means), torch.cat(targets),
-                    torch.cat(patches) if keep_patches else None)
+                    torch.cat(patches) if keep_patches else None, skipped)
