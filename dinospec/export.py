@@ -33,8 +33,9 @@ from torch import Tensor
 
 from dinospec.models.specialize import SpecError, routed_to_vanilla
 from dinospec.models.vit import VisionTransformer, arch_kwargs, build_backbone
-from dinospec.weights import (CONFIG_FILE, DINOV3_NORM_GROUPS, WEIGHTS_FILE, ImportedWeights, WeightsError,
-                              infer_student, load_into, load_weights, timm_model_args, to_timm_state_dict)
+from dinospec.weight_formats import DINOV3_NORM_GROUPS, ImportedWeights, infer_student
+from dinospec.weights import (CONFIG_FILE, WEIGHTS_FILE, WeightsError, load_into, load_weights, timm_model_args,
+                              to_timm_state_dict)
 
 FORMAT_VERSION = 1
 # the student keys build_backbone reads besides the arch sizes; pretrained_weights / drop_path_rate are training-only

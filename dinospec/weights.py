@@ -1,8 +1,6 @@
-"""Backbone weights written elsewhere, made into dinospec's: DINOv2 / DINOv3 checkpoints in, timm's key format out.
+"""Backbone weights written elsewhere, loaded into dinospec models: DINOv2 / DINOv3 checkpoints in, timm's keys out.
 
-dinospec's vanilla parameter names are DINOv2's, so importing DINOv2 weights is mostly unwrapping (training
-checkpoints nest the backbone under ``teacher`` / ``model`` and ``backbone.`` prefixes; FSDP ``block_chunks`` add
-a chunk index). DINOv3 backbones differ by a few names and buffers (see :func:`convert_dinov3_state_dict`).
+Files are read here (a dinospec export dir, or .pth / .safetensors; the key formats are dinospec/weight_formats.py's).
 :func:`load_pretrained_backbone` then maps any vanilla or routed state onto any (vanilla or routed) model: a shared
 layer is copied into every token group, so a specialised model starts out computing exactly what the pretrained one
 did. The checkpoint's family (DINOv2 with or without registers, DINOv3) is read from its keys, and a model whose
@@ -15,8 +13,6 @@ from __future__ import annotations
 import json
 import math
 import pickle
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -26,217 +22,17 @@ from torch import Tensor, nn
 from dinospec.models.rope import rope_periods
 from dinospec.models.routed import TokenRouted
 from dinospec.models.specialize import resolve_groups, routed_slots
-from dinospec.models.vit import ARCHS, SwiGLU, VisionTransformer, interpolate_pos_embed
+from dinospec.models.vit import SwiGLU, VisionTransformer, interpolate_pos_embed
+from dinospec.weight_formats import ROUTED_KEY, ImportedWeights, WeightsError, canonical_keys, from_raw
+
+__all__ = ["WeightsError", "load_pretrained_backbone", "load_weights", "load_into", "check_model_settings",
+           "adapt_state_dict", "timm_model_args", "to_timm_state_dict"]
 
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 
-_VANILLA_KEY = re.compile(
-    r"^(cls_token|pos_embed|register_tokens|mask_token|patch_embed\.proj\.(weight|bias)|norm\.(weight|bias)"
-    r"|blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2|mlp\.w12|mlp\.w3)\.(weight|bias)"
-    r"|blocks\.\d+\.ls[12]\.gamma)$"
-)
-# a routed slot's key: '<slot>.<group>.<rest>', e.g. blocks.0.norm1.1.weight, blocks.3.mlp.0.fc1.bias, norm.1.weight
-_ROUTED_KEY = re.compile(r"^(blocks\.\d+\.(?:norm1|norm2|attn\.qkv|attn\.proj|mlp|ls1|ls2)|norm)\.(\d+)\.(.+)$")
-_CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.")  # DINOv2 block_chunks: blocks.<chunk>.<global index>.*
-
-
-class WeightsError(ValueError):
-    """Weights that cannot be read, or that do not fit the model they are meant for."""
-
 
 # ----------------------------------------------------------------------------------------------------------------
-# DINOv2 key format -> dinospec vanilla
-
-
-def _unwrap_backbone(ckpt: Mapping[str, Any]) -> dict[str, Any]:
-    """The backbone inside what DINOv2 saves: a bare state dict, teacher_checkpoint.pth or a training model_*.pth."""
-    state: Mapping[str, Any] = ckpt
-    for wrapper in ("teacher", "model", "state_dict"):
-        if isinstance(state.get(wrapper), Mapping):
-            state = state[wrapper]
-            break
-    for prefix in ("teacher.backbone.", "backbone."):  # the teacher is the model DINOv2 evaluates and releases
-        if any(k.startswith(prefix) for k in state):
-            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    return dict(state)
-
-
-def _canonical_keys(state: Mapping[str, Any], allow_routed: bool) -> dict[str, Tensor]:
-    """Flatten block chunks, drop classifier heads, and refuse keys that are not a backbone's."""
-    out: dict[str, Tensor] = {}
-    for key, value in state.items():
-        if key.startswith("head.") or key == "head":
-            continue
-        if not isinstance(value, Tensor):
-            raise WeightsError(f"'{key}' holds a {type(value).__name__}, not a tensor: not a backbone state dict")
-        out[_CHUNKED_BLOCK.sub(r"blocks.\1.", key)] = value
-    unknown = [k for k in out if not _VANILLA_KEY.match(k) and not (allow_routed and _ROUTED_KEY.match(k))]
-    if unknown:
-        hint = ""
-        if "reg_token" in out:
-            hint = " (this looks like timm's key format; dinospec reads DINOv2's format and its own exports)"
-        raise WeightsError(f"{len(unknown)} key(s) are not DINOv2/dinospec backbone keys, e.g. {unknown[:4]}{hint}")
-    if "cls_token" not in out or "patch_embed.proj.weight" not in out:
-        raise WeightsError(f"no ViT backbone found (no cls_token / patch_embed); keys: {list(state)[:6]}")
-    return out
-
-
-def convert_dinov2_state_dict(state: Mapping[str, Any]) -> dict[str, Tensor]:
-    """DINOv2 weights (released .pth, teacher/training checkpoint, chunked blocks) -> dinospec vanilla keys."""
-    return _canonical_keys(_unwrap_backbone(state), allow_routed=False)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# DINOv3 key format -> dinospec
-
-DINOV3_NORM_GROUPS = (0, 0, 1)
-"""An untied DINOv3 final norm as a routed dinospec one: group 0 = [cls, registers] (cls_norm), 1 = patches (norm);
-dinospec's spec=final_norm preset."""
-_DINOV3_ONLY = re.compile(r"^(storage_tokens|rope_embed\.periods|(local_)?cls_norm\.(weight|bias)"
-                          r"|blocks\.\d+\.attn\.qkv\.bias_mask)$")
-
-
-def is_dinov3_state_dict(state: Mapping[str, Any]) -> bool:
-    """DINOv3's keys: storage tokens, the RoPE periods buffer, K-bias masks, untied class norms."""
-    return any(_DINOV3_ONLY.match(k) for k in state)
-
-
-def convert_dinov3_state_dict(state: Mapping[str, Any]) -> tuple[dict[str, Tensor], tuple[int, int, int] | None,
-                                                                  Tensor | None]:
-    """DINOv3 backbone weights -> (dinospec keys, group_of_type of the routed final norm or None, RoPE periods).
-
-    - ``storage_tokens`` are dinospec's ``register_tokens`` (same place: after [CLS], before the patches).
-    - ``attn.qkv.bias_mask`` (0 on the K third: keys get no bias) is applied to ``attn.qkv.bias`` and dropped; the
-      K bias is then stored as zeros, which computes exactly what the masked bias computed.
-    - ``cls_norm`` (untie_cls_and_patch_norms: the final norm of [CLS] and storage tokens) and ``norm`` (patches)
-      become the routed final norm ``norm.0`` / ``norm.1`` of groups [[cls, reg], [patch]].
-    - ``local_cls_norm`` is dropped: DINOv3 uses it only in training, for the local crops' class tokens; no output
-      of the backbone depends on it.
-    - ``rope_embed.periods`` is a buffer derived from the RoPE settings: returned (to check the model's settings),
-      not loaded.
-    """
-    state = _unwrap_backbone(state)
-    out: dict[str, Tensor] = {}
-    periods = state.get("rope_embed.periods")
-    for key, value in state.items():
-        if key in ("rope_embed.periods",) or key.endswith(".attn.qkv.bias_mask") or key.startswith("local_cls_norm."):
-            continue
-        if key == "storage_tokens":
-            if value.shape[1]:
-                out["register_tokens"] = value
-            continue
-        out[key] = value
-    for key, mask in state.items():
-        if key.endswith(".attn.qkv.bias_mask"):
-            bias_key = key[: -len("_mask")]
-            if bias_key in out:
-                out[bias_key] = out[bias_key] * mask.to(out[bias_key].dtype)
-    groups = None
-    if "cls_norm.weight" in out:
-        for name in ("weight", "bias"):
-            if f"cls_norm.{name}" in out:
-                out[f"norm.0.{name}"] = out.pop(f"cls_norm.{name}")
-                out[f"norm.1.{name}"] = out.pop(f"norm.{name}")
-        groups = DINOV3_NORM_GROUPS
-    return _canonical_keys(out, allow_routed=True), groups, periods
-
-
-def dinov3_rope_settings(periods: Tensor, head_dim: int | None = None) -> dict[str, Any]:
-    """student.rope_* settings that give these periods: a base (base ** (j / n)), else min/max periods."""
-    n = periods.numel()
-    p = periods.double()
-    if head_dim is not None and head_dim != 4 * n:
-        raise WeightsError(f"RoPE periods buffer has {n} entries, head dim {head_dim} needs {head_dim // 4}")
-    raw_base = float(p[-1] ** (n / (n - 1))) if n > 1 else None
-    candidates = [{"rope_base": float(round(raw_base, digits)), "rope_min_period": None, "rope_max_period": None}
-                  for digits in range(7) if raw_base is not None]  # the shortest base that gives these periods
-    candidates.append({"rope_base": None, "rope_min_period": float(p[0]), "rope_max_period": float(p[-1])})
-    for c in candidates:
-        derived = rope_periods(4 * n, c["rope_base"], c["rope_min_period"], c["rope_max_period"]).double()
-        if torch.allclose(derived, p, rtol=1e-6, atol=0):
-            return c
-    raise WeightsError(f"RoPE periods {periods.tolist()[:4]}... are neither base ** (j / {n}) nor geometric "
-                       f"between two periods: not a RoPE dinospec can rebuild")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# families: what the weights need from the model
-
-
-@dataclass
-class ImportedWeights:
-    """A backbone state in dinospec keys and what it was trained with.
-
-    `settings` are student.* values the model must have to compute what the weights computed where they came from
-    (DINOv2 with registers: antialiased pos_embed interpolation without offset; DINOv3: RoPE, LayerNorm eps 1e-5).
-    """
-
-    state: dict[str, Tensor]
-    groups: tuple[int, int, int] | None  # group_of_type of the routed slots, when known
-    family: str  # dinospec | dinov2 | dinov2_reg | dinov3
-    settings: dict[str, Any] = field(default_factory=dict)
-    head_dim: int | None = None  # known for DINOv3 (from the RoPE periods); DINOv2's releases all use 64
-
-
-DINOV2_INTERPOLATION = {  # DINOv2's hub: models with registers interpolate with antialias and no offset
-    "dinov2": {"interpolate_offset": 0.1, "interpolate_antialias": False},
-    "dinov2_reg": {"interpolate_offset": 0.0, "interpolate_antialias": True},
-}
-DINOV3_SETTINGS = {"pos_embed": "rope", "rope_normalize_coords": "separate", "norm_eps": 1e-5}
-"""What DINOv3's released backbones use (besides the periods, read from the weights)."""
-
-
-def imported_dinov2(state: dict[str, Tensor]) -> ImportedWeights:
-    family = "dinov2_reg" if "register_tokens" in state else "dinov2"
-    return ImportedWeights(state, None, family, dict(DINOV2_INTERPOLATION[family]))
-
-
-def imported_dinov3(raw: Mapping[str, Any]) -> ImportedWeights:
-    state, groups, periods = convert_dinov3_state_dict(raw)
-    settings: dict[str, Any] = dict(DINOV3_SETTINGS)
-    if periods is not None:
-        settings.update(dinov3_rope_settings(periods))
-    return ImportedWeights(state, groups, "dinov3", settings, 4 * periods.numel() if periods is not None else None)
-
-
-def infer_student(weights: ImportedWeights) -> dict[str, Any]:
-    """student.* settings that rebuild the backbone these weights belong to, read from their shapes and keys plus
-    the family's settings. The head count is not in the weights: DINOv3's from its RoPE periods, else head dim 64
-    (every DINOv2 / DINOv3 release); override student.num_heads otherwise."""
-    state = {_plain_name(k): v for k, v in weights.state.items()}
-    dim = state["cls_token"].shape[-1]
-    blocks = {int(k.split(".")[1]) for k in state if k.startswith("blocks.")}
-    head_dim = weights.head_dim or 64
-    if dim % head_dim:
-        raise WeightsError(f"embed_dim {dim} is not a multiple of head dim {head_dim}: give student.num_heads")
-    swiglu = "blocks.0.mlp.w12.weight" in state
-    if swiglu:  # SwiGLU's hidden width: (int(dim * ratio * 2/3) + 7) // 8 * 8; DINOv2's ViT-g uses ratio 4
-        hidden = state["blocks.0.mlp.w12.weight"].shape[0] // 2
-        ratio = 4.0 if (int(dim * 4.0 * 2 / 3) + 7) // 8 * 8 == hidden else hidden * 1.5 / dim
-    else:
-        ratio = state["blocks.0.mlp.fc1.weight"].shape[0] / dim
-    fc_in = "blocks.0.mlp.w12.bias" if swiglu else "blocks.0.mlp.fc1.bias"
-    sizes = dict(embed_dim=dim, depth=len(blocks), num_heads=dim // head_dim, ffn_layer="swiglu" if swiglu else "mlp")
-    arch = next((name for name, preset in ARCHS.items() if preset == sizes), "vit_small")  # sizes set explicitly too
-    student: dict[str, Any] = {
-        "arch": arch, "embed_dim": dim, "depth": len(blocks), "num_heads": dim // head_dim,
-        "ffn_layer": "swiglu" if swiglu else "mlp", "mlp_ratio": ratio,
-        "patch_size": state["patch_embed.proj.weight"].shape[-1],
-        "num_register_tokens": state["register_tokens"].shape[1] if "register_tokens" in state else 0,
-        "layerscale": 1e-5 if "blocks.0.ls1.gamma" in state else None,  # the value is loaded; only on/off matters
-        "qkv_bias": "blocks.0.attn.qkv.bias" in state, "proj_bias": "blocks.0.attn.proj.bias" in state,
-        "ffn_bias": fc_in in state,
-    }
-    student.update(weights.settings)
-    if weights.family == "dinov3":
-        student.setdefault("rope_rescale_coords", 2.0)  # DINOv3's released recipe: training only, no output changes
-    return student
-
-
-def _plain_name(key: str) -> str:
-    """'blocks.0.norm1.1.weight' -> 'blocks.0.norm1.weight' (a routed copy's key without its group index)."""
-    m = _ROUTED_KEY.match(key)
-    return f"{m[1]}.{m[3]}" if m else key
+# fitting a checkpoint family's settings
 
 
 def model_settings(model: VisionTransformer) -> dict[str, Any]:
@@ -304,17 +100,6 @@ def read_weights(path: str | Path) -> tuple[dict[str, Tensor], tuple[int, int, i
     return weights.state, weights.groups
 
 
-def _from_raw(raw: Mapping[str, Any]) -> ImportedWeights:
-    """A state dict read from a file: DINOv3 or DINOv2 format (or a dinospec state dict without its config)."""
-    unwrapped = _unwrap_backbone(raw)
-    if is_dinov3_state_dict(unwrapped):
-        return imported_dinov3(unwrapped)
-    state = _canonical_keys(unwrapped, allow_routed=True)
-    if any(_ROUTED_KEY.match(k) for k in state):  # routed keys: dinospec's, without the export's config
-        return ImportedWeights(state, None, "dinospec")
-    return imported_dinov2(state)
-
-
 def load_weights(path: str | Path) -> ImportedWeights:
     """Backbone weights from a dinospec export dir, or a DINOv2 / DINOv3 .pth / .safetensors file."""
     from safetensors.torch import load_file
@@ -332,12 +117,12 @@ def load_weights(path: str | Path) -> ImportedWeights:
             raise WeightsError(f"{path} holds weights in {config.get('format')!r} format; "
                                f"load it with that library, or export again with --format dinospec")
         group_of_type, _ = resolve_groups(config["spec"]["groups"])
-        return ImportedWeights(_canonical_keys(load_file(path / WEIGHTS_FILE), allow_routed=True), group_of_type,
+        return ImportedWeights(canonical_keys(load_file(path / WEIGHTS_FILE), allow_routed=True), group_of_type,
                                "dinospec")
     if not path.is_file():
         raise WeightsError(f"pretrained weights not found: {path}")
     if path.suffix == ".safetensors":
-        return _from_raw(load_file(path))
+        return from_raw(load_file(path))
     if path.suffix not in (".pth", ".pt", ".bin"):
         raise WeightsError(f"{path}: unknown weights format (expected a dinospec export dir, .safetensors or .pth)")
     try:
@@ -351,7 +136,7 @@ def load_weights(path: str | Path) -> ImportedWeights:
         ) from None
     if not isinstance(obj, Mapping):
         raise WeightsError(f"{path} holds a {type(obj).__name__}, not a state dict")
-    return _from_raw(obj)
+    return from_raw(obj)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -385,7 +170,7 @@ def _source_slots(state: Mapping[str, Tensor]) -> dict[str, int]:
     """Routed slots of a state dict, from its keys: slot -> number of groups."""
     slots: dict[str, int] = {}
     for key in state:
-        m = _ROUTED_KEY.match(key)
+        m = ROUTED_KEY.match(key)
         if m:
             slots[m[1]] = max(slots.get(m[1], 0), int(m[2]) + 1)
     return slots
@@ -427,7 +212,7 @@ def adapt_state_dict(state: Mapping[str, Tensor], model: VisionTransformer,
     used: set[str] = set()
     missing: list[str] = []
     for key in target:
-        m = _ROUTED_KEY.match(key)
+        m = ROUTED_KEY.match(key)
         routed = m is not None and m[1] in dst_slots
         plain, group = (f"{m[1]}.{m[3]}", int(m[2])) if routed else (key, None)
         if plain in state:  # shared in the source

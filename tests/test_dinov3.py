@@ -17,8 +17,8 @@ import torch
 
 from dinospec.config import load_config
 from dinospec.models.vit import VisionTransformer, build_backbone
-from dinospec.weights import (DINOV3_NORM_GROUPS, WeightsError, convert_dinov3_state_dict, dinov3_rope_settings,
-                              load_pretrained_backbone)
+from dinospec.weight_formats import DINOV3_NORM_GROUPS, convert_dinov3_state_dict, dinov3_rope_settings
+from dinospec.weights import WeightsError, load_pretrained_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = Path(os.environ.get("DINOSPEC_DINOV3_REFERENCE", REPO.parent / "shared" / "reference" / "dinov3"))

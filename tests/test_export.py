@@ -17,7 +17,8 @@ from dinospec.config import as_container, load_config, to_yaml
 from dinospec.export import ExportError, export_run, export_weights, load_backbone, save_backbone
 from dinospec.models.specialize import vanilla_to_routed
 from dinospec.models.vit import VisionTransformer, build_backbone
-from dinospec.weights import WeightsError, convert_dinov2_state_dict, load_pretrained_backbone
+from dinospec.weight_formats import convert_dinov2_state_dict
+from dinospec.weights import WeightsError, load_pretrained_backbone
 
 REPO = Path(__file__).resolve().parent.parent
 IMG = 48  # vit_pico patch 16 -> a 3x3 grid
