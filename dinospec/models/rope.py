@@ -14,11 +14,13 @@ resuming restores the draws with the rest of the RNG state).
 from __future__ import annotations
 
 import math
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
 
 from dinospec.models.rope_config import check_rope_settings
+
 
 class RopeTables:
     """sin and cos, each (num_patches, head_dim) float32: the rotation of every patch token, shared by all heads.
@@ -33,7 +35,7 @@ class RopeTables:
     def __init__(self, sin: Tensor, cos: Tensor):
         self.sin, self.cos = sin, cos
 
-    def __iter__(self):  # sin, cos = tables
+    def __iter__(self) -> Iterator[Tensor]:  # sin, cos = tables
         return iter((self.sin, self.cos))
 
     @property
