@@ -77,6 +77,18 @@ def test_config_errors_are_refused_at_once_in_one_line(tmp_path, no_torch, comma
     assert elapsed < 2.0, f"refused after {elapsed:.2f} s"
 
 
+@pytest.mark.parametrize("args,message", [(["--backbone", "/no/such/export"], "--backbone /no/such/export does not"),
+                                          (["--backbone", str(REPO), "--train", "/no/split"], "--train /no/split is")])
+def test_eval_refuses_missing_paths_before_importing_torch(tmp_path, no_torch, args, message):
+    env = {**os.environ, "PYTHONPATH": f"{no_torch}{os.pathsep}{REPO}"}
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "dinospec.cli", "eval", "knn", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, \
+        proc.stderr
+    assert time.perf_counter() - start < 2.0
+
+
 @pytest.mark.parametrize("override,key", [("train.batch_size_per_gpu=-4", "train.batch_size_per_gpu"),
                                           ("checkpoint.period_steps=0", "checkpoint.period_steps"),
                                           ("train.log_every=0", "train.log_every"),

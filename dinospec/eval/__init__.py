@@ -5,10 +5,18 @@ tensors (:mod:`~dinospec.eval.knn`, :mod:`~dinospec.eval.linear`, :mod:`~dinospe
 :mod:`dinospec.eval.cli` is the `dinospec eval` command and its directory-level entry points.
 """
 
-from dinospec.eval.features import Features, extract_features, load_eval_backbone
-from dinospec.eval.knn import knn_accuracy, knn_eval_during_training
-from dinospec.eval.linear import linear_probe
-from dinospec.eval.segmentation import confusion_matrix, miou, per_class_iou, seg_probe
+import importlib
+from typing import Any
 
-__all__ = ["Features", "extract_features", "load_eval_backbone", "knn_accuracy", "knn_eval_during_training",
-           "linear_probe", "confusion_matrix", "miou", "per_class_iou", "seg_probe"]
+# name -> module; imported on first use, so `dinospec eval` checks its arguments before torch is imported
+_EXPORTS = {"Features": "features", "extract_features": "features", "load_eval_backbone": "features",
+            "knn_accuracy": "knn", "knn_eval_during_training": "knn", "linear_probe": "linear",
+            "confusion_matrix": "segmentation", "miou": "segmentation", "per_class_iou": "segmentation",
+            "seg_probe": "segmentation"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"dinospec.eval.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'dinospec.eval' has no attribute {name!r}")

@@ -16,18 +16,12 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch is imported once the arguments are checked (a refusal takes well under a second)
+    from torch import nn
 
-from dinospec.eval.features import (Features, SegmentationFolder, extract_features, load_eval_backbone,
-                                    paired_image_folders, read_class_names)
-from dinospec.eval.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, knn_accuracy
-from dinospec.eval.linear import DEFAULT_HOLDOUT, DEFAULT_L2S, DEFAULT_MAX_ITER, linear_probe
-from dinospec.eval.segmentation import DEFAULT_LRS as SEG_LRS
-from dinospec.eval.segmentation import DEFAULT_STEPS as SEG_STEPS
-from dinospec.eval.segmentation import IGNORE_INDEX, seg_probe
+    from dinospec.eval.features import Features
 
 EVAL_DATA = Path(__file__).resolve().parents[2] / "data" / "eval"
 DEFAULT_SPLITS = {
@@ -37,13 +31,22 @@ DEFAULT_SPLITS = {
 }
 
 
-def _extract(backbone: nn.Module, dataset: Any, opts: dict, desc: str, keep_patches: bool = False):
+def _extract(backbone: nn.Module, dataset: Any, opts: dict, desc: str, keep_patches: bool = False) -> Features:
+    from dinospec.eval.features import extract_features
+
     return extract_features(backbone, dataset, keep_patches=keep_patches, desc=desc, **opts)
 
 
-def eval_knn(backbone: nn.Module, train: str | Path, val: str | Path, *, ks: Sequence[int] = DEFAULT_KS,
-             temperature: float = DEFAULT_TEMPERATURE, img_size: int = 224, **extract_opts: Any) -> dict:
-    """Weighted k-NN top-1 (%) on [CLS] for every k. extract_opts: batch_size, device, num_workers, progress."""
+def eval_knn(backbone: nn.Module, train: str | Path, val: str | Path, *, ks: Sequence[int] | None = None,
+             temperature: float | None = None, img_size: int = 224, **extract_opts: Any) -> dict:
+    """Weighted k-NN top-1 (%) on [CLS] for every k (None: dinospec/eval/knn.py's defaults). extract_opts:
+    batch_size, device, num_workers, progress."""
+    from dinospec.eval.features import paired_image_folders
+    from dinospec.eval.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, knn_accuracy
+
+    ks = DEFAULT_KS if ks is None else ks
+    temperature = DEFAULT_TEMPERATURE if temperature is None else temperature
+
     train_set, val_set = paired_image_folders(train, val, img_size)
     tr = _extract(backbone, train_set, extract_opts, "train features")
     va = _extract(backbone, val_set, extract_opts, "val features")
@@ -54,10 +57,20 @@ def eval_knn(backbone: nn.Module, train: str | Path, val: str | Path, *, ks: Seq
 
 
 def eval_linear(backbone: nn.Module, train: str | Path, val: str | Path, *, img_size: int = 224,
-                concat_patch_mean: bool = False, l2s: Sequence[float] = DEFAULT_L2S,
-                max_iter: int = DEFAULT_MAX_ITER, holdout: float = DEFAULT_HOLDOUT, seed: int = 0,
+                concat_patch_mean: bool = False, l2s: Sequence[float] | None = None,
+                max_iter: int | None = None, holdout: float | None = None, seed: int = 0,
                 **extract_opts: Any) -> dict:
-    """Linear probe top-1 (%) on [CLS] (optionally concatenated with the mean patch token, as DINOv2)."""
+    """Linear probe top-1 (%) on [CLS] (optionally concatenated with the mean patch token, as DINOv2); None:
+    dinospec/eval/linear.py's defaults."""
+    import torch
+
+    from dinospec.eval.features import paired_image_folders
+    from dinospec.eval.linear import DEFAULT_HOLDOUT, DEFAULT_L2S, DEFAULT_MAX_ITER, linear_probe
+
+    l2s = DEFAULT_L2S if l2s is None else l2s
+    max_iter = DEFAULT_MAX_ITER if max_iter is None else max_iter
+    holdout = DEFAULT_HOLDOUT if holdout is None else holdout
+
     train_set, val_set = paired_image_folders(train, val, img_size)
     tr = _extract(backbone, train_set, extract_opts, "train features")
     va = _extract(backbone, val_set, extract_opts, "val features")
@@ -74,10 +87,19 @@ def eval_linear(backbone: nn.Module, train: str | Path, val: str | Path, *, img_
 
 
 def eval_seg(backbone: nn.Module, train: str | Path, val: str | Path, *, img_size: int = 224,
-             num_classes: int | None = None, lrs: Sequence[float] = SEG_LRS,
-             steps: int = SEG_STEPS, holdout: float = 0.2, batchnorm: bool = True, seed: int = 0,
+             num_classes: int | None = None, lrs: Sequence[float] | None = None,
+             steps: int | None = None, holdout: float | None = None, batchnorm: bool = True, seed: int = 0,
              **extract_opts: Any) -> dict:
     """Linear segmentation probe mIoU (%) on the last layer's patch features (masks: see SegmentationFolder)."""
+    import torch
+
+    from dinospec.eval.features import SegmentationFolder, read_class_names
+    from dinospec.eval.segmentation import DEFAULT_LRS, DEFAULT_STEPS, IGNORE_INDEX, seg_probe
+
+    lrs = DEFAULT_LRS if lrs is None else lrs
+    steps = DEFAULT_STEPS if steps is None else steps
+    holdout = 0.2 if holdout is None else holdout
+
     train_set, val_set = SegmentationFolder(train, img_size), SegmentationFolder(val, img_size)
     tr = _extract(backbone, train_set, extract_opts, "train features", keep_patches=True)
     va = _extract(backbone, val_set, extract_opts, "val features", keep_patches=True)
@@ -120,17 +142,17 @@ def _common(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes (%(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     if task == "linear":
-        p.add_argument("--l2", type=float, nargs="+", default=list(DEFAULT_L2S),
-                       help="the grid of L2 strengths (on the mean cross-entropy) (%(default)s)")
-        p.add_argument("--max-iter", type=int, default=DEFAULT_MAX_ITER,
-                       help="L-BFGS iteration cap per fit (%(default)s)")
+        p.add_argument("--l2", type=float, nargs="+",
+                       help="the grid of L2 strengths on the mean cross-entropy (default: the probe's grid)")
+        p.add_argument("--max-iter", type=int,
+                       help="L-BFGS iteration cap per fit (default: the probe's)")
     if task == "seg":
-        p.add_argument("--steps", type=int, default=SEG_STEPS, help="optimiser steps per lr (%(default)s)")
-        p.add_argument("--lrs", type=float, nargs="+", default=list(SEG_LRS), help="the lr grid (%(default)s)")
+        p.add_argument("--steps", type=int, help="optimiser steps per lr (default: the probe's)")
+        p.add_argument("--lrs", type=float, nargs="+", help="the lr grid (default: the probe's)")
     if task in ("linear", "seg"):
-        p.add_argument("--holdout", type=float, default=DEFAULT_HOLDOUT,
-                       help="fraction of train held out for model selection (0: choose on val, optimistic) "
-                            "(%(default)s)")
+        p.add_argument("--holdout", type=float,
+                       help="fraction of train held out for model selection (0: choose on val, optimistic; "
+                            "default: the probe's)")
         p.add_argument("--seed", type=int, default=0)
 
 
@@ -138,8 +160,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="eval_task", required=True, metavar="{knn,linear,seg}")
     p = sub.add_parser("knn", help="weighted k-NN on [CLS] (DINO protocol)")
     _common(p, "knn")
-    p.add_argument("--k", type=int, nargs="+", default=list(DEFAULT_KS), help="neighbour counts (%(default)s)")
-    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="vote temperature (%(default)s)")
+    # the probes' defaults live in their modules (imported with torch once the arguments are checked)
+    p.add_argument("--k", type=int, nargs="+", help="neighbour counts (default: the probe's)")
+    p.add_argument("--temperature", type=float, help="vote temperature (default: the probe's)")
     p = sub.add_parser("linear", help="linear classification probe on [CLS]")
     _common(p, "linear")
     p.add_argument("--concat-patch-mean", action="store_true", help="[CLS] + mean patch token, as DINOv2")
@@ -175,7 +198,23 @@ def format_table(report: dict) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+def _missing_path(args: argparse.Namespace) -> str | None:
+    """What the command would fail on first, checked before torch is imported."""
+    if not Path(args.backbone).exists():
+        return (f"--backbone {args.backbone} does not exist (expected an export dir with config.json, or a run "
+                f"dir with checkpoints/)")
+    for name in ("train", "val"):
+        if not Path(getattr(args, name)).is_dir():
+            return f"--{name} {getattr(args, name)} is not a folder"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
+    if (problem := _missing_path(args)) is not None:
+        print(f"dinospec eval: {problem}", file=sys.stderr)
+        return 2
+    from dinospec.eval.features import load_eval_backbone
+
     try:
         backbone = load_eval_backbone(args.backbone)
     except (FileNotFoundError, ValueError) as e:  # a missing path or an export that does not load
