@@ -875,6 +875,7 @@ def _rank_main(local_rank: int, world: int, port: int, dry: bool, overrides: lis
 
 
 def check_fsdp2_ws2(ctx: Ctx) -> Result:
+    import importlib
     import tempfile
 
     import torch
@@ -884,6 +885,9 @@ def check_fsdp2_ws2(ctx: Ctx) -> Result:
         raise Skip(f"{torch.cuda.device_count()} GPU here: the 2-process NCCL run needs 2")
     batch = max(ctx.sizes.correct_batch // 2, 2)
     overrides = ctx.sizes.correct + [f"train.batch_size_per_gpu={batch}"]
+    if not ctx.cuda:  # forked ranks inherit this process's modules: import the checkpoint stack once, not per rank
+        for module in ("torch.distributed.checkpoint.default_planner", "torch.distributed.fsdp", "dinospec.checkpoint"):
+            importlib.import_module(module)
     with tempfile.TemporaryDirectory(dir=ctx.work, prefix="gpu_check_ws2_") as tmp:
         out_json = Path(tmp) / "ranks.json"
         # fork on CPU (the worker's imports are reused: seconds on a busy CI box); spawn on GPU, where a CUDA
