@@ -22,11 +22,11 @@ from torch import Tensor, nn
 from dinospec.models.rope import rope_periods
 from dinospec.models.routed import TokenRouted
 from dinospec.models.specialize import resolve_groups, routed_slots
-from dinospec.models.vit import SwiGLU, VisionTransformer, interpolate_pos_embed
+from dinospec.models.vit import SwiGLU, VisionTransformer, arch_kwargs, interpolate_pos_embed
 from dinospec.weight_formats import ROUTED_KEY, ImportedWeights, WeightsError, canonical_keys, from_raw
 
 __all__ = ["WeightsError", "load_pretrained_backbone", "load_weights", "load_into", "check_model_settings",
-           "adapt_state_dict", "timm_model_args", "to_timm_state_dict"]
+           "check_student_settings", "adapt_state_dict", "timm_model_args", "to_timm_state_dict"]
 
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 
@@ -45,8 +45,25 @@ def model_settings(model: VisionTransformer) -> dict[str, Any]:
     else:
         rope = model.rope_embed
         out.update(rope_normalize_coords=rope.normalize_coords, rope_base=rope.base,
-                   rope_min_period=rope.min_period, rope_max_period=rope.max_period)
+                   rope_min_period=rope.min_period, rope_max_period=rope.max_period, head_dim=rope.head_dim)
     return out
+
+
+def student_settings(student: Mapping[str, Any]) -> dict[str, Any]:
+    """The same settings from a config's `student` section, before any model is built."""
+    out = {k: student[k] for k in ("pos_embed", "norm_eps", "interpolate_offset", "interpolate_antialias")}
+    if student["pos_embed"] == "rope":
+        out.update({k: student[k] for k in ("rope_normalize_coords", "rope_base", "rope_min_period",
+                                            "rope_max_period")})
+        size = arch_kwargs(student)
+        out["head_dim"] = size["embed_dim"] // size["num_heads"]
+    return out
+
+
+def check_student_settings(student: Mapping[str, Any], path: str | Path) -> None:
+    """check_model_settings for a config's `student` section and a weights path (a run's pretrained_weights),
+    without building the model: for a check before a run writes or queues anything."""
+    check_settings(student_settings(student), load_weights(path))
 
 
 def _same_setting(key: str, want: Any, have: Any) -> bool:
@@ -60,13 +77,16 @@ def _same_setting(key: str, want: Any, have: Any) -> bool:
 def check_model_settings(model: VisionTransformer, weights: ImportedWeights) -> None:
     """Refuse a model that would compute something else from these weights than their source did, naming the
     student.* keys (and values) to set."""
-    have = model_settings(model)
+    check_settings(model_settings(model), weights)
+
+
+def check_settings(have: Mapping[str, Any], weights: ImportedWeights) -> None:
+    """`have`: model_settings or student_settings. Raises WeightsError naming what to set."""
     wrong = {k: v for k, v in weights.settings.items() if k in have and not _same_setting(k, v, have[k])}
-    if "pos_embed" not in wrong and weights.settings.get("pos_embed") == "rope" and model.rope_embed is not None:
-        want = rope_periods(model.rope_embed.head_dim, weights.settings.get("rope_base"),
+    if "pos_embed" not in wrong and weights.settings.get("pos_embed") == "rope" and have["pos_embed"] == "rope":
+        want = rope_periods(have["head_dim"], weights.settings.get("rope_base"),
                             weights.settings.get("rope_min_period"), weights.settings.get("rope_max_period"))
-        got = rope_periods(model.rope_embed.head_dim, model.rope_embed.base, model.rope_embed.min_period,
-                           model.rope_embed.max_period)
+        got = rope_periods(have["head_dim"], have["rope_base"], have["rope_min_period"], have["rope_max_period"])
         if not torch.allclose(want, got, rtol=1e-6, atol=0):
             wrong.update({k: weights.settings.get(k) for k in ("rope_base", "rope_min_period", "rope_max_period")
                           if weights.settings.get(k) != have.get(k)})

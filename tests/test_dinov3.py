@@ -18,7 +18,7 @@ import torch
 from dinospec.config import load_config
 from dinospec.models.vit import VisionTransformer, build_backbone
 from dinospec.weight_formats import DINOV3_NORM_GROUPS, convert_dinov3_state_dict, dinov3_rope_settings
-from dinospec.weights import WeightsError, load_pretrained_backbone
+from dinospec.weights import WeightsError, check_student_settings, load_pretrained_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = Path(os.environ.get("DINOSPEC_DINOV3_REFERENCE", REPO.parent / "shared" / "reference" / "dinov3"))
@@ -120,6 +120,10 @@ def test_wrong_settings_are_refused_with_the_fix():
         load_pretrained_backbone(build("student.rope_base=1000"), path)
     with pytest.raises(WeightsError, match="student.rope_normalize_coords=separate"):
         load_pretrained_backbone(build("student.rope_normalize_coords=max"), path)
+    # from the config alone (before a run builds anything)
+    with pytest.raises(WeightsError, match="student.rope_base=100.0"):
+        check_student_settings(load_config(overrides=[*DINOV3_TINY, "student.rope_base=10"]).student, path)
+    check_student_settings(load_config(overrides=DINOV3_TINY).student, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from dinospec.export import ExportError, export_run, export_weights, load_backbo
 from dinospec.models.specialize import vanilla_to_routed
 from dinospec.models.vit import VisionTransformer, build_backbone
 from dinospec.weight_formats import convert_dinov2_state_dict
-from dinospec.weights import WeightsError, load_pretrained_backbone
+from dinospec.weights import WeightsError, check_student_settings, load_pretrained_backbone
 
 REPO = Path(__file__).resolve().parent.parent
 IMG = 48  # vit_pico patch 16 -> a 3x3 grid
@@ -412,6 +412,11 @@ def test_dinov2_family_is_read_from_the_keys(tmp_path):
                                            "student.interpolate_antialias=false"):
         load_pretrained_backbone(tiny_model(tiny_cfg("none", regs=0, interpolate_offset=0.0,
                                                      interpolate_antialias=True)), tmp_path / "noreg.pth")
+    # the same check from a config, before any model is built (what a run can do before it writes anything)
+    with pytest.raises(WeightsError, match="with registers.*Set student.interpolate_offset=0.0"):
+        check_student_settings(tiny_cfg("none", regs=2).student, tmp_path / "reg.pth")
+    check_student_settings(tiny_cfg("none", regs=2, interpolate_offset=0.0, interpolate_antialias=True).student,
+                           tmp_path / "reg.pth")
     # a dinospec export carries its own settings in config.json: loaded into any settings, as the user asks
     out = save_backbone(no_regs, tmp_path / "export", tiny_cfg("none", regs=0).student, tiny_cfg("none").spec)
     load_pretrained_backbone(tiny_model(tiny_cfg("none", regs=0, interpolate_antialias=True)), out)
