@@ -266,6 +266,9 @@ class WandbConfig:
 class LoggingConfig:
     progress: bool = True
     plots: bool = True
+    collapse_patience_steps: int = 100
+    """Warn once when the DINO targets stay within 1e-3 nats of uniform for this many steps (0 = never): the
+    [CLS] loss is then stuck at ln K (see dinospec/ssl/diagnostics.py)."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -439,6 +442,9 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "crops.global_crops_size": (1, None, True, True),
     "crops.local_crops_size": (1, None, True, True),
     "data.num_workers": (0, None, True, True),
+    "data.window_shards": (1, None, True, True),
+    "data.max_open_shards": (1, None, True, True),
+    "data.index_workers": (1, None, True, True),
     "data.window_shards": (1, None, True, True),
     "data.max_open_shards": (1, None, True, True),
     "data.index_workers": (1, None, True, True),

@@ -193,28 +193,58 @@ def plot_losses(metrics_path: Path, out_png: Path) -> Path | None:
 
     keys = [k for k in ("loss", "dino_loss", "ibot_loss", "koleo_loss") if any(k in r for r in records)]
     knn_keys = sorted({k for r in records for k in r if k.startswith("knn_top1_")})
-    panels = len(keys) + bool(knn_keys)
+    diagnostics = any("dino_target_entropy" in r for r in records)
+    panels = len(keys) + bool(knn_keys) + 2 * diagnostics
     fig, axes = plt.subplots(1, panels, figsize=(4 * panels, 3.2), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        pts = [(r["step"], r[key]) for r in records if key in r and math.isfinite(r[key])]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2)
-        ax.set_title(key.replace("_", " "))
+    ln_k = _ln_prototypes(metrics_path.parent / "config.yaml")
+
+    def curve(ax: Any, key: str, **style: Any) -> None:
+        pts = [(r["step"], r[key]) for r in records if key in r and r[key] is not None and math.isfinite(r[key])]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2, **style)
+
+    def finish(ax: Any, title: str, ylabel: str) -> None:
+        ax.set_title(title)
         ax.set_xlabel("step")
-        ax.set_ylabel("value")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+
+    panel = iter(axes[0])
+    for key in keys:
+        ax = next(panel)
+        curve(ax, key)
+        if key == "dino_loss" and ln_k is not None:
+            ax.axhline(ln_k, color="grey", ls="--", lw=1, label="ln K")
+        finish(ax, key.replace("_", " "), "value")
+    if diagnostics:  # is image information reaching the targets? (dinospec/ssl/diagnostics.py)
+        ax = next(panel)
+        curve(ax, "dino_target_entropy", label="target entropy")
+        if ln_k is not None:
+            ax.axhline(ln_k, color="grey", ls="--", lw=1, label="ln K (uniform)")
+        finish(ax, "teacher DINO targets", "nats")
+        ax = next(panel)
+        curve(ax, "teacher_cls_cos", label="backbone [CLS]")
+        curve(ax, "teacher_head_cos", label="head output")
+        finish(ax, "teacher: cosine across images", "mean pairwise cosine")
     if knn_keys:  # evaluation.knn_period_steps: accuracy of the teacher while it trains
-        ax = axes[0][-1]
+        ax = next(panel)
         for key in knn_keys:
-            pts = [(r["step"], r[key]) for r in records if key in r]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", lw=1.2, label=key.split("_")[-1])
-        ax.set_title("teacher k-NN top-1")
-        ax.set_xlabel("step")
-        ax.set_ylabel("accuracy (%)")
-        ax.legend()
-        ax.grid(alpha=0.3)
+            curve(ax, key, marker="o", label=key.split("_")[-1])
+        finish(ax, "teacher k-NN top-1", "accuracy (%)")
     fig.suptitle(f"training: {metrics_path.parent.name}")
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return out_png
+
+
+def _ln_prototypes(config_path: Path) -> float | None:
+    """ln K of the run's DINO head (the [CLS] loss and target entropy of uniform targets), if its config is there."""
+    if not config_path.is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    k = OmegaConf.select(OmegaConf.load(config_path), "dino.head_n_prototypes")
+    return math.log(k) if k else None

@@ -41,8 +41,9 @@ from dinospec.metrics import MetricsLogger, plot_losses
 from dinospec.rng import capture_rng, restore_rng, seed_all
 from dinospec.run_lease import hold_run_dir
 from dinospec.ssl.meta_arch import SSLMetaArch
+from dinospec.ssl.diagnostics import CollapseDetector
 from dinospec.ssl.optim import apply_schedules, build_optimizer
-from dinospec.ssl.schedules import build_schedules
+from dinospec.ssl.schedules import build_schedules, momentum_for_run, teacher_init_share
 
 log = logging.getLogger("dinospec")
 
@@ -292,6 +293,12 @@ def _train(cfg: DictConfig, resume: str, env: dist.DistEnv, device: torch.device
                            OmegaConf.to_container(cfg, resolve=True))
     logger.info(f"dinospec: {env.world_size} rank(s) on {device}, {sum(p.numel() for p in meta.student.parameters()):,} "
                 f"student params, steps {start} -> {steps}, global batch {global_batch}, run {run_dir}")
+    share = teacher_init_share(sched.momentum, steps)
+    if share > 0.05 and start == 0:
+        logger.info(f"WARNING: with teacher.momentum_teacher {cfg.teacher.momentum_teacher} the EMA teacher still "
+                    f"holds {share:.0%} of its random init at the last step ({steps}): its targets will say little "
+                    f"about the images. For a run this short use teacher.momentum_teacher <= "
+                    f"{momentum_for_run(steps):.4f} (or a longer run).")
     loader = build_ssl_loader(cfg, env.rank, env.world_size, start_step=start)
     batches = _batches(loader, device)
     signals = SignalFlag().install()
@@ -301,6 +308,7 @@ def _train(cfg: DictConfig, resume: str, env: dist.DistEnv, device: torch.device
         else nullcontext()
     grad_norm = 0.0
     knn_period = cfg.evaluation.knn_period_steps
+    collapse = CollapseDetector(cfg.dino.head_n_prototypes, cfg.logging.collapse_patience_steps)
     try:
         t_last, n_since = time.perf_counter(), 0
         for step in range(start, steps):
@@ -345,6 +353,9 @@ def _train(cfg: DictConfig, resume: str, env: dist.DistEnv, device: torch.device
                     logger.info(f"step {step + 1}: " + ", ".join(f"{k} {v:.1f}" for k, v in metrics.items()
                                                                    if k.startswith("knn_")))
                 logger.log(step + 1, metrics)
+                warning = collapse.update(step + 1, metrics["dino_target_entropy"])
+                if warning:
+                    logger.info(f"WARNING step {step + 1}: {warning}")
                 t_last, n_since = time.perf_counter(), 0
             stop = dist.any_rank(signals.received is not None, device)
             if stop or (step + 1) % cfg.checkpoint.period_steps == 0 or step + 1 == steps:

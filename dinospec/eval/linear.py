@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-DEFAULT_L2S = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 1e-5, 1e-6)
+DEFAULT_L2S = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 1e-4, 1e-5)
 DEFAULT_MAX_ITER = 1000
 DEFAULT_HOLDOUT = 0.2
 
@@ -59,8 +59,11 @@ def logistic_objective(head: nn.Linear, x: Tensor, y: Tensor, l2: float) -> Tens
 
 
 def fit_logistic(x: Tensor, y: Tensor, num_classes: int, *, l2: float, max_iter: int = DEFAULT_MAX_ITER,
-                 init: nn.Linear | None = None, tolerance: float = 1e-6) -> nn.Linear:
-    """The minimiser of `logistic_objective` on x (N, D), y (N,), by L-BFGS in float64; `init` warm-starts it."""
+                 init: nn.Linear | None = None, tolerance: float = 1e-5) -> nn.Linear:
+    """The minimiser of `logistic_objective` on x (N, D), y (N,), by L-BFGS in float64; `init` warm-starts it.
+
+    Stops when no gradient entry exceeds `tolerance` (the objective is then within ~1e-7 of its minimum on
+    standardised features; scikit-learn's default stops at 1e-4) or after `max_iter` iterations."""
     x64 = x.double()
     head = nn.Linear(x.shape[1], num_classes, dtype=torch.float64, device=x.device)
     with torch.no_grad():

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from dinospec.models.heads import DINOHead
 from dinospec.models.vit import VisionTransformer, build_backbone
+from dinospec.ssl.diagnostics import dino_diagnostics
 from dinospec.ssl.losses import DINOLoss, IBOTPatchLoss, KoLeoLoss
 
 
@@ -82,31 +83,30 @@ class SSLMetaArch(nn.Module):
                                        center_momentum=t.center_momentum)
         self.koleo_loss = KoLeoLoss(scope=cfg.dino.koleo_scope)
 
-    def num_layers(self) -> int:
-        return len(self.student.backbone.blocks)
-
     @torch.no_grad()
-    def teacher_targets(self, global_crops: Tensor, masks: Tensor, temp: float) -> tuple[Tensor, Tensor]:
-        """Teacher probabilities for the DINO ([CLS]) and iBOT (masked patches) losses."""
+    def teacher_targets(self, global_crops: Tensor, masks: Tensor,
+                        temp: float) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Teacher probabilities for the DINO ([CLS]) and iBOT (masked patches) losses, and the teacher's outputs."""
         # through the module's own forward, so FSDP2 gathers the teacher's parameters as it does the student's
         out = self.teacher(global_crops, None, masks, mask_inputs=False)
         cls_logits, patch_logits = out["dino_global"], out["ibot"]
         if self.cfg.teacher.centering == "sinkhorn_knopp":
             n_iter = self.cfg.teacher.sinkhorn_iterations
             return (self.dino_loss.sinkhorn_knopp_teacher(cls_logits, temp, n_iter),
-                    self.ibot_loss.sinkhorn_knopp_teacher(patch_logits, temp, n_iter))
+                    self.ibot_loss.sinkhorn_knopp_teacher(patch_logits, temp, n_iter), out)
         dino_probs = self.dino_loss.softmax_center_teacher(cls_logits, temp)
         ibot_probs = self.ibot_loss.softmax_center_teacher(patch_logits, temp)
         self.dino_loss.update_center(cls_logits)
         self.ibot_loss.update_center(patch_logits)
-        return dino_probs, ibot_probs
+        return dino_probs, ibot_probs, out
 
     def losses(self, batch: dict[str, Any], teacher_temp: float,
                student_forward: Callable[..., dict[str, Tensor]] | None = None) -> dict[str, Tensor]:
-        """All loss terms and their weighted total for one batch (student_forward: the DDP-wrapped student)."""
+        """All loss terms, their weighted total and the learning diagnostics (dinospec.ssl.diagnostics) for one
+        batch (student_forward: the DDP-wrapped student). Only "loss" carries gradient."""
         cfg = self.cfg
         masks = batch["masks"]
-        dino_t, ibot_t = self.teacher_targets(batch["global_crops"], masks, teacher_temp)
+        dino_t, ibot_t, teacher_out = self.teacher_targets(batch["global_crops"], masks, teacher_temp)
         out = (student_forward or self.student)(batch["global_crops"], batch.get("local_crops"), masks)
         terms = {"dino_loss": self.dino_loss(out["dino_global"], out["dino_local"], dino_t)}
         if cfg.ibot.loss_weight > 0:
@@ -116,7 +116,8 @@ class SSLMetaArch(nn.Module):
         total = cfg.dino.loss_weight * terms["dino_loss"]
         total = total + cfg.ibot.loss_weight * terms.get("ibot_loss", 0.0)
         total = total + cfg.dino.koleo_loss_weight * terms.get("koleo_loss", 0.0)
-        return {"loss": total, **terms}
+        diagnostics = dino_diagnostics(teacher_out["cls"], teacher_out["dino_global"], dino_t)
+        return {"loss": total, **terms, **diagnostics}
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:

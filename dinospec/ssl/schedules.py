@@ -102,3 +102,26 @@ def build_schedules(cfg: Any, total_steps: int | None, total_batch: int) -> Sche
                                     start_warmup=t.warmup_teacher_temp),
         last_layer_lr=ZeroedPrefix(lr, o.freeze_last_layer_epochs * epoch),
     )
+
+
+def teacher_init_share(momentum: CosineSchedule, steps: int) -> float:
+    """The share of its initial weights the EMA teacher still holds after `steps` updates: prod_t momentum[t].
+
+    DINOv2's 0.992 -> 1 cosine leaves ~0 of the init after its 125k steps but ~30% after 300 steps: a short run's
+    teacher is then mostly its random init, and its targets say little about the images.
+    """
+    log_share = sum(math.log(max(momentum[t], 1e-300)) for t in range(steps))
+    return math.exp(log_share)
+
+
+def momentum_for_run(steps: int, share: float = 0.05, final: float = 1.0) -> float:
+    """The largest start momentum whose cosine to `final` leaves at most `share` of the init after `steps` steps
+    (a bisection over teacher_init_share): what a short run's teacher.momentum_teacher should be at most."""
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        if teacher_init_share(CosineSchedule(mid, final, steps), steps) > share:
+            hi = mid
+        else:
+            lo = mid
+    return lo
