@@ -209,6 +209,9 @@ def child_throughput(root: str, count: int, reps: int, batch: int, window: int) 
                 if rep:
                     rates[mode][name].append(many / (time.perf_counter() - start))
     base = "old: randperm, TarShardDataset.load"
+    held = sum(a.nbytes for entry in new._open.values() for a in entry[1:])
+    print(f"index rows held by the new reader: {held / 2**10:.0f} KiB for {len(new._open)} open shards "
+          f"({held / max(1, sum(len(e[1]) for e in new._open.values())):.0f} B per sample)", file=sys.stderr)
     return {mode: {name: {"median": statistics.median(v), "ratio": statistics.median(
         a / b for a, b in zip(v, rates[mode][base]))} for name, v in by.items()} for mode, by in rates.items()}
 
@@ -240,6 +243,8 @@ def run_child(name: str, *args) -> dict:
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if done.returncode:
         sys.exit(f"{name} failed:\n{done.stderr}")
+    if "index rows held" in done.stderr:
+        print(done.stderr.strip().splitlines()[-1], flush=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -34,9 +34,10 @@ class IndexedTarDataset(ImageDataset):
         self._reset()
 
     def _reset(self) -> None:
-        # shard -> (file descriptor, offsets, sizes, labels of its samples), least recently used first. Reads use
-        # pread (no shared file position), so descriptors a forked worker inherits stay correct in both processes.
-        self._open: OrderedDict[int, tuple[int, list[int], list[int], list[int]]] = OrderedDict()
+        # shard -> (file descriptor, offsets, sizes, labels of its samples: 16 bytes per sample), least recently
+        # used first. Reads use pread (no shared file position), so descriptors a forked worker inherits stay
+        # correct in both processes.
+        self._open: OrderedDict[int, tuple[int, np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
         self._dead: dict[int, str] = {}  # shard -> why it cannot be read
 
     def __getstate__(self) -> dict:
@@ -58,7 +59,7 @@ class IndexedTarDataset(ImageDataset):
         shard = int(self.index.starts.searchsorted(index, side="right")) - 1
         return shard, index - int(self.index.starts[shard])
 
-    def _shard(self, shard: int) -> tuple[int, list[int], list[int], list[int]]:
+    def _shard(self, shard: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
         if shard in self._open:
             self._open.move_to_end(shard)
             return self._open[shard]
@@ -76,8 +77,9 @@ class IndexedTarDataset(ImageDataset):
             self._dead[shard] = (f"shard is {size} bytes, {expected} when indexed: rebuild the index with "
                                  f"`dinospec index {self.index.root} --force`")
             raise BrokenImage(path, self._dead[shard])
-        records = self.index.records(shard)  # as lists: per-sample lookups stay plain Python indexing
-        self._open[shard] = (fd, records["offset"].tolist(), records["size"].tolist(), records["label"].tolist())
+        records = self.index.records(shard)
+        self._open[shard] = (fd, np.ascontiguousarray(records["offset"]), np.ascontiguousarray(records["size"]),
+                             np.ascontiguousarray(records["label"]))
         while len(self._open) > self.max_open:
             evicted = self._open.popitem(last=False)[1]
             os.close(evicted[0])
@@ -87,9 +89,9 @@ class IndexedTarDataset(ImageDataset):
         """The image member's bytes; BrokenImage if its shard cannot be read."""
         shard, row = self.locate(index)
         fd, offsets, sizes, _ = self._shard(shard)
-        size = sizes[row]
+        size = int(sizes[row])
         try:
-            data = os.pread(fd, size, offsets[row])
+            data = os.pread(fd, size, int(offsets[row]))
         except OSError as e:
             raise BrokenImage(self.describe(index), f"cannot read shard: {e}") from None
         if len(data) != size:
@@ -116,9 +118,10 @@ class IndexedTarDataset(ImageDataset):
         for index, shard, row in zip(wanted.tolist(), shards.tolist(), rows.tolist()):
             try:
                 fd, offsets, sizes, _ = self._shard(shard)
-                data = os.pread(fd, sizes[row], offsets[row])
-                if len(data) != sizes[row]:
-                    raise BrokenImage(self.describe(index), f"shard ends early ({len(data)} of {sizes[row]} bytes)")
+                size = int(sizes[row])
+                data = os.pread(fd, size, int(offsets[row]))
+                if len(data) != size:
+                    raise BrokenImage(self.describe(index), f"shard ends early ({len(data)} of {size} bytes)")
                 out[index] = data
             except OSError as e:
                 out[index] = BrokenImage(self.describe(index), f"cannot read shard: {e}")
@@ -142,7 +145,7 @@ class IndexedTarDataset(ImageDataset):
         if not self.index.labelled:
             return -1
         shard, row = self.locate(index)
-        return self._shard(shard)[3][row]
+        return int(self._shard(shard)[3][row])
 
     def describe(self, index: int) -> str:
         """shard path:member name (the member's tar header, read on demand: only log messages need it)."""
@@ -150,7 +153,8 @@ class IndexedTarDataset(ImageDataset):
         path = self.index.shard_path(shard)
         try:
             fd, offsets, _, _ = self._shard(shard)
-            name = tarfile.TarInfo.frombuf(os.pread(fd, 512, offsets[row] - 512), "utf-8", "surrogateescape").name
+            header = os.pread(fd, 512, int(offsets[row]) - 512)
+            name = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape").name
         except (OSError, BrokenImage, tarfile.TarError):
             name = f"sample {row}"
         return f"{path}:{name}"
