@@ -179,6 +179,7 @@ class Parent:
             "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "time_limit_s": args.time_limit,
             "host": socket.gethostname(), "commit": _git_commit(), "checks": names}
         self.proc: subprocess.Popen | None = None
+        self.current: tuple[str, float, float] | None = None  # the running check: name, monotonic start, budget
         self.interrupted = False
 
     def log(self, msg: str) -> None:
@@ -228,12 +229,14 @@ class Parent:
                 progressed = False  # this worker started or ended a check
                 while True:
                     events, pos = self._events(pos)
+                    self.current = current
                     for ev in events:
                         kind = ev["event"]
                         if kind == "ready":
                             self.meta.setdefault("worker", ev.get("info", {}))
                         elif kind == "start":
                             current, progressed = (ev["check"], time.monotonic(), float(ev["budget_s"])), True
+                            self.current = current
                         elif kind == "partial":
                             self.partials.setdefault(ev["check"], {}).update(ev["figures"])
                         elif kind == "end":
@@ -276,9 +279,12 @@ class Parent:
             self.interrupted = True
             self._kill_worker()
             for name in pending:
-                if name not in self.records:
-                    self.records[name] = Record(name, FAIL if name in self.partials else SKIP,
-                                                figures=self.partials.get(name, {}), summary="interrupted")
+                if name in self.records:
+                    continue
+                if self.current is not None and self.current[0] == name:
+                    self.records[name] = self._failed(self.current, "interrupted (SIGTERM or Ctrl-C) while running")
+                else:
+                    self.records[name] = Record(name, SKIP, summary="not run: interrupted")
             self.log("interrupted: results so far written")
         finally:
             self._kill_worker()
@@ -640,11 +646,14 @@ def speed_batch(ctx: Ctx) -> int:
 
 def vitl(ctx: Ctx, spec: str = "paper") -> tuple[Trainee, dict[str, Any]]:
     """The ViT-L speed model of a spec and a batch for it, built once per worker; halves the batch on OOM."""
+    import gc
+
     import torch
 
     key = f"vitl_{spec}"
     if key not in ctx.cache:
         batch = ctx.cache.get("vitl_batch") or speed_batch(ctx)
+        others = [k for k in ctx.cache if k.startswith("vitl_") and k not in (key, "vitl_batch")]
         while True:
             try:
                 cfg = load_cfg(ctx.sizes.speed + [f"spec={spec}", f"train.batch_size_per_gpu={batch}"])
@@ -653,13 +662,14 @@ def vitl(ctx: Ctx, spec: str = "paper") -> tuple[Trainee, dict[str, Any]]:
                 trainee.step(data)  # first step: cuBLAS / SDPA set-up, AdamW state; out of memory shows here
                 break
             except torch.cuda.OutOfMemoryError:
-                trainee = data = None  # type: ignore[assignment]
-                ctx.cache.pop(key, None)
-                torch.cuda.empty_cache()
-                if batch <= 8:
+                if batch <= 8 or others:  # a smaller batch than the cached model's would not compare
                     raise
-                ctx.log(f"out of memory at batch {batch}: trying {batch // 2}")
-                batch //= 2
+            # here, outside the except block, the traceback no longer holds the failed step's tensors
+            trainee = data = None  # type: ignore[assignment]
+            gc.collect()
+            torch.cuda.empty_cache()
+            ctx.log(f"out of memory at batch {batch}: trying {batch // 2}")
+            batch //= 2
         ctx.cache["vitl_batch"] = batch
         ctx.cache[key] = (trainee, data)
     return ctx.cache[key]
@@ -1481,6 +1491,7 @@ def worker(args: argparse.Namespace) -> int:
         name, seconds = item.split("=")
         budgets[name] = float(seconds)
     faults = dict(item.split("=") for item in args.inject_fault.split(",")) if args.inject_fault else {}
+    _exit_with_parent()
     names = args.only.split(",")
     events = Path(args.events)
     if all(n in faults for n in names):
@@ -1521,6 +1532,21 @@ def worker(args: argparse.Namespace) -> int:
         if rec.status == FAIL and getattr(ctx, "cuda", False):
             return 3
     return 0
+
+
+def _exit_with_parent() -> None:
+    """A parent killed outright (SIGKILL from a scheduler) cannot kill this worker: it notices and ends its whole
+    process group (spawned ranks, compile workers) itself, so nothing keeps the GPU busy."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True, name="gpu-check-parent-watch").start()
 
 
 def _cpu_s() -> float:
