@@ -421,7 +421,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "teacher.momentum_teacher": (0, 1, True, True),
     "teacher.final_momentum_teacher": (0, 1, True, True),
     "teacher.warmup_teacher_temp": (0, None, True, True),  # 0 is a NaN on purpose (tests/test_resume.py)
-    "teacher.teacher_temp": (0, None, False, True),
+    "teacher.teacher_temp": (0, None, True, True),  # 0 too (tests/test_resume.py)
     "teacher.warmup_teacher_temp_epochs": (0, None, True, True),
     "teacher.student_temp": (0, None, False, True),
     "teacher.center_momentum": (0, 1, True, True),

@@ -94,7 +94,7 @@ def test_eval_refuses_missing_paths_before_importing_torch(tmp_path, no_torch, a
                                           ("train.log_every=0", "train.log_every"),
                                           ("optim.adamw_beta2=1.0", "optim.adamw_beta2"),
                                           ("student.drop_path_rate=1.5", "student.drop_path_rate"),
-                                          ("teacher.teacher_temp=0", "teacher.teacher_temp")])
+                                          ("teacher.teacher_temp=-0.1", "teacher.teacher_temp")])
 def test_out_of_range_values_name_the_key_and_the_range(override, key):
     with pytest.raises(ConfigError, match=rf"'{key}' = .* must be (>=|>|in) "):
         load_config([], [override])
