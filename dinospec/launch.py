@@ -33,7 +33,9 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,9 +217,6 @@ def _sbatch_test_only(executor: submitit.SlurmExecutor) -> None:
     """`sbatch --test-only` with the job's own script: SLURM validates the request (partition, memory, time, ...)
     without queueing anything, so a refusal leaves nothing behind (and a job SLURM could never start is refused
     instead of pending forever)."""
-    import subprocess
-    import tempfile
-
     text = executor._make_submission_file_text(executor._submitit_command_str, "test-only")
     with tempfile.NamedTemporaryFile("w", suffix=".sh") as script:
         script.write(text)
