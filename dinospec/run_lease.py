@@ -227,12 +227,14 @@ def hold_run_dir(run_dir: str | Path, is_main: bool) -> RunLease | None:
     from dinospec.code_version import describe
 
     lease, error = None, None
-    if is_main:
+    if is_main:  # whatever goes wrong, every rank learns it (the others would wait in the next collective)
         try:
             lease = RunLease(run_dir, token=os.environ.get(TOKEN_ENV)).acquire(describe())
         except RunDirBusy as e:
-            error = str(e)
+            error = ("busy", str(e))
+        except OSError as e:
+            error = ("os", f"cannot take the lease of run directory {run_dir}: {e}")
     error = dist.broadcast_object(error)
     if error:
-        raise RunDirBusy(error)
+        raise RunDirBusy(error[1]) if error[0] == "busy" else ConfigError(error[1])
     return lease
