@@ -269,7 +269,8 @@ def main() -> None:
     t0 = time.perf_counter()
     folders = prepare(args.source, args.work, args.probe_train, args.knn_subset)
     print(f"data ready in {time.perf_counter() - t0:.0f} s: {folders}", flush=True)
-    steps = args.steps or load_config([RECIPE]).train.max_steps
+    recipe = load_config([RECIPE])
+    steps = args.steps or recipe.optim.epochs * recipe.train.official_epoch_length  # shorter: schedules keep length
     results = []
     for spec in args.specs:
         for seed in args.seeds:

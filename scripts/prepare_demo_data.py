@@ -1,8 +1,13 @@
-"""Put a small set of real photos in data/demo/ for `make demo`, from the scikit-image wheel (no download).
+"""Put the demo's real images in data/demo/ for `make demo` (no download).
 
-scikit-image ships a few CC0 / public-domain photographs inside its package (skimage/data/). They are copied here
-as JPEGs (longest side <= 512, greyscale ones stay greyscale) with a README stating origin and licence. Running
-it again leaves existing files alone (--force rewrites them).
+- data/demo/fashion_mnist/: 4000 Fashion-MNIST training images (28x28 grey product photos, MIT licence), cut out of
+  the sheet the repository carries (data/pretrain/fashion_mnist_train_20000-23999.png: train-file images 20000 to
+  23999 in row-major order, 80 per row; none of them is in data/eval/fashion_mnist). The demo pretrains on them and
+  measures k-NN on data/eval/fashion_mnist, so that learning shows on held-out images of the same domain.
+- data/demo/skimage_*.jpg: scikit-image's CC0 / public-domain photographs (skimage/data/), longest side <= 512, for
+  pretraining on photos (`data.path=data/demo`: the whole tree) and the analyses.
+Each set comes with a README stating origin and licence. Running it again leaves existing files alone (--force
+rewrites them).
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_SIDE = 512
+FASHION_SHEET = REPO / "data" / "pretrain" / "fashion_mnist_train_20000-23999.png"
+FASHION_FIRST_INDEX, FASHION_TILE, FASHION_COLUMNS = 20000, 28, 80
 
 # file in skimage/data -> licence, as stated in the docstring of its skimage.data loader (scikit-image 0.26)
 PHOTOS = {
@@ -63,6 +70,26 @@ def write_readme(out: Path, version: str) -> None:
     (out / "README.md").write_text("\n".join(lines), encoding="utf-8")
 
 
+def write_fashion_mnist(out: Path, force: bool) -> int:
+    """Cut the sheet into one PNG per image (named by its index in the official train file); return the count."""
+    out.mkdir(parents=True, exist_ok=True)
+    with Image.open(FASHION_SHEET) as sheet:
+        rows = sheet.height // FASHION_TILE
+        count = rows * FASHION_COLUMNS
+        if force or len(list(out.glob("*.png"))) != count:
+            for i in range(count):
+                r, c = divmod(i, FASHION_COLUMNS)
+                box = (c * FASHION_TILE, r * FASHION_TILE, (c + 1) * FASHION_TILE, (r + 1) * FASHION_TILE)
+                sheet.crop(box).save(out / f"train_{FASHION_FIRST_INDEX + i:05d}.png")
+    (out / "README.md").write_text(
+        "# data/demo/fashion_mnist — unlabelled pretraining images for `make demo`\n\n"
+        f"Images {FASHION_FIRST_INDEX} to {FASHION_FIRST_INDEX + count - 1} of Fashion-MNIST's training file, cut by "
+        "scripts/prepare_demo_data.py from data/pretrain/ (origin: Debian package dataset-fashion-mnist). "
+        "Licence: MIT (Expat), Copyright 2017 Zalando SE; see data/eval/fashion_mnist/COPYRIGHT.dataset-fashion-mnist.\n",
+        encoding="utf-8")
+    return count
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=str(REPO / "data" / "demo"))
@@ -88,6 +115,8 @@ def main() -> int:
     write_readme(out, importlib.metadata.version("scikit-image"))
     total = len(list(out.glob("skimage_*.jpg")))
     print(f"data/demo: wrote {written} image(s), kept {kept} already there; {total} photos in {out}")
+    fashion = write_fashion_mnist(out / "fashion_mnist", args.force)
+    print(f"data/demo/fashion_mnist: {fashion} Fashion-MNIST training images")
     if missing:
         print(f"not in this scikit-image wheel (skipped): {', '.join(missing)}")
     return 0 if total else 1

@@ -97,3 +97,25 @@ def test_the_diagnostics_tell_a_dead_cls_head_from_a_live_one_in_real_training(t
     assert "the DINO targets have been uniform" not in printed["live"]
     # the short-run momentum warning: 4 steps at DINOv2's 0.992 leave ~100% of the init in the teacher
     assert "holds" in printed["live"] and "teacher.momentum_teacher <=" in printed["live"]
+
+
+def test_demo_pretraining_images_are_real_and_disjoint_from_the_evaluation_sample(tmp_path: Path):
+    """make demo pretrains on 4000 bundled Fashion-MNIST images; its k-NN is measured on data/eval/fashion_mnist,
+    which must not contain any of them (else the demo's learning curve would be measured on training images)."""
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    repo = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(repo / "scripts"))
+    try:
+        import prepare_demo_data
+    finally:
+        sys.path.remove(str(repo / "scripts"))
+    assert prepare_demo_data.write_fashion_mnist(tmp_path, force=False) == 4000
+    demo = {np.asarray(Image.open(p)).tobytes() for p in tmp_path.glob("*.png")}
+    assert len(demo) > 3900  # real, varied images (a few exact duplicates exist in Fashion-MNIST itself)
+    evaluation = [np.asarray(Image.open(p).convert("L")).tobytes()
+                  for p in (repo / "data" / "eval" / "fashion_mnist").glob("*/*/*.png")]
+    assert len(evaluation) == 400 and not demo & set(evaluation)
