@@ -31,6 +31,17 @@ def _check_data_path(path: str, kind: str, key: str) -> None:
         raise ConfigError(f"config key '{key}' = {path!r} is not a file list (kind filelist)")
     if not os.access(p, os.R_OK):
         raise ConfigError(f"config key '{key}' = {path!r} is not readable")
+    if p.is_dir() and not _holds_a_file(p):
+        raise ConfigError(f"config key '{key}' = {path!r} holds no files")
+
+
+def _holds_a_file(folder: Path) -> bool:
+    """Whether any non-hidden file lies under `folder` (stops at the first one: cheap on a large data set)."""
+    for _, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        if any(not f.startswith(".") for f in files):
+            return True
+    return False
 
 
 def check_writable_dir(path: str | Path, what: str) -> None:

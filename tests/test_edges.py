@@ -54,6 +54,7 @@ REFUSALS = [  # (command, override, what the one line says)
     ("train", "data.path=/no/such/images", "'data.path' = '/no/such/images' does not exist"),
     ("submit", "data.path=/no/such/images", "'data.path' = '/no/such/images' does not exist"),
     ("submit", "data.sources=[{path: /no/such/shards}]", "'data.sources[0].path' = '/no/such/shards' does not"),
+    ("train", "data.path={tmp}/empty", "holds no files"),
     ("train", "student.pretrained_weights=/no/such.pth", "student.pretrained_weights"),
     ("train", "train.output_dir={tmp}/file/run", "cannot be created"),
 ]
@@ -62,6 +63,7 @@ REFUSALS = [  # (command, override, what the one line says)
 @pytest.mark.parametrize("command,override,message", REFUSALS, ids=[f"{c}-{o.split('=')[0]}" for c, o, _ in REFUSALS])
 def test_config_errors_are_refused_at_once_in_one_line(tmp_path, no_torch, command, override, message):
     (tmp_path / "file").write_text("a file, not a folder")
+    (tmp_path / "empty" / "class_a").mkdir(parents=True)
     before = sorted(p.name for p in tmp_path.iterdir())
     args = [command, f"data.path={PHOTOS}", f"train.output_dir={tmp_path / 'run'}",
             override.replace("{tmp}", str(tmp_path))]
