@@ -164,6 +164,29 @@ class CropsConfig:
 
 
 @dataclass
+class GramConfig:
+    """Gram anchoring (DINOv3): the student's patch Gram matrix kept close to a frozen earlier teacher's
+    (dinospec/ssl/gram_teacher.py). Loss options as DINOv3's gram.* keys (dinospec/ssl/gram.py)."""
+
+    enabled: bool = False
+    loss_weight: float = 1.0
+    start_step: int = 0
+    """Step at which the Gram teacher is taken from the EMA teacher and the loss starts."""
+    refresh_period_steps: int = 0
+    """Retake the Gram teacher every this many steps after start_step (0 = never; DINOv3: 10000)."""
+    img_size: Optional[int] = None
+    """Crop size the Gram teacher sees (the global crops upsampled; null = crops.global_crops_size); its patch
+    grid is resized onto the student's."""
+    normalized: bool = True
+    img_level: bool = True
+    """One Gram matrix per image (DINOv3's Gram recipes); false: one over the whole batch (B*N)^2."""
+    remove_neg: bool = False
+    remove_only_teacher_neg: bool = False
+    tokens_used: str = "all"
+    """all | masked | unmasked (the last two need img_level=false)."""
+
+
+@dataclass
 class DataSource:
     """One dataset of a mixture (data.sources)."""
 
@@ -281,6 +304,7 @@ class RunConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     crops: CropsConfig = field(default_factory=CropsConfig)
+    gram: GramConfig = field(default_factory=GramConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
@@ -392,6 +416,7 @@ _CHOICES = {
     "compute.precision": ("auto", "fp32", "bf16"),
     "compute.strategy": ("auto", "fsdp", "ddp", "none"),
     "logging.wandb.mode": ("online", "offline"),
+    "gram.tokens_used": ("all", "masked", "unmasked"),
 }
 
 
@@ -469,6 +494,10 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "student.rope_jitter_coords": (1, None, True, True),  # a factor range [1/j, j]
     "student.rope_rescale_coords": (1, None, True, True),
     "logging.collapse_patience_steps": (0, None, True, True),  # 0: never
+    "gram.loss_weight": (0, None, True, True),
+    "gram.start_step": (0, None, True, True),
+    "gram.refresh_period_steps": (0, None, True, True),  # 0: never
+    "gram.img_size": (1, None, True, True),
 }
 
 
@@ -536,6 +565,16 @@ def validate(cfg: DictConfig) -> None:
                               f"{list(_CHOICES['data.kind'])}")
         if not 0 < source.weight < float("inf"):
             raise ConfigError(f"config key 'data.sources[{k}].weight' = {source.weight!r} must be > 0")
+    gram = cfg.gram
+    if gram.enabled:
+        if gram.remove_neg and gram.remove_only_teacher_neg:
+            raise ConfigError("config keys 'gram.remove_neg' and 'gram.remove_only_teacher_neg' are exclusive")
+        if gram.tokens_used != "all" and gram.img_level:
+            raise ConfigError(f"config key 'gram.tokens_used' = {gram.tokens_used!r} pools the kept tokens of all "
+                              f"images: it needs 'gram.img_level' = false")
+        if gram.img_size is not None and gram.img_size % cfg.student.patch_size:
+            raise ConfigError(f"config key 'gram.img_size' = {gram.img_size} is not a multiple of "
+                              f"student.patch_size = {cfg.student.patch_size}")
     knn = cfg.evaluation
     if knn.knn_period_steps and not (knn.knn_train and knn.knn_val):
         raise ConfigError("config key 'evaluation.knn_period_steps' > 0 needs 'evaluation.knn_train' and "

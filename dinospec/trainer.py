@@ -42,6 +42,7 @@ from dinospec.rng import capture_rng, restore_rng, seed_all
 from dinospec.run_lease import hold_run_dir
 from dinospec.ssl.meta_arch import SSLMetaArch
 from dinospec.ssl.diagnostics import CollapseDetector
+from dinospec.ssl.gram_teacher import GramAnchor
 from dinospec.ssl.optim import apply_schedules, build_optimizer
 from dinospec.ssl.schedules import build_schedules, momentum_for_run, teacher_init_share
 
@@ -260,8 +261,11 @@ def _train(cfg: DictConfig, resume: str, env: dist.DistEnv, device: torch.device
     if resume == "never" and has_checkpoint:
         raise ConfigError(f"{run_dir} already holds checkpoints and --no-resume was given; "
                           f"choose another train.output_dir (nothing is overwritten)")
+    saved_gram = False  # whether the checkpoint resumed from holds a Gram teacher
     if resume not in ("auto", "never") or (resume == "auto" and has_checkpoint):
-        changed = check_compatible(checkpointer.read_config(None if resume == "auto" else resume), cfg)
+        saved_yaml = checkpointer.read_config(None if resume == "auto" else resume)
+        saved_gram = bool(OmegaConf.select(OmegaConf.create(saved_yaml), "gram.enabled", default=False))
+        changed = check_compatible(saved_yaml, cfg)
         if changed and env.is_main:
             log.warning("resuming with changed config keys: %s", ", ".join(changed))
 
@@ -273,14 +277,19 @@ def _train(cfg: DictConfig, resume: str, env: dist.DistEnv, device: torch.device
 
         for part in (meta.student, meta.teacher):
             load_pretrained_backbone(part.backbone, cfg.student.pretrained_weights)
+    # a frozen copy of the teacher backbone, taken at gram.start_step; replicated, never sharded or wrapped
+    gram = GramAnchor(cfg, meta.teacher.backbone).to(device) if cfg.gram.enabled else None
     dtype = _precision(cfg, device)
     strategy = dist.resolve_strategy(cfg.compute.strategy, device)
     student_forward = _wrap(meta, cfg, strategy, device, dtype)
     optimizer = build_optimizer(meta.student, cfg)
     progress = Progress(device)
     state = {"model": ModelState(meta), "optim": OptimState(meta.student, optimizer), "train": progress}
-    if resume != "never":
-        checkpointer.load(state, path=None if resume == "auto" else resume)
+    if gram is not None:
+        state["gram"] = gram  # its weights are run state: frozen since their step, not recomputable
+    if resume != "never":  # a checkpoint from before Gram anchoring was on has no Gram teacher: it is taken anew
+        loadable = state if saved_gram else {k: v for k, v in state.items() if k != "gram"}
+        checkpointer.load(loadable, path=None if resume == "auto" else resume)
     start = progress.step
     steps = total_steps(cfg)
     global_batch = cfg.train.batch_size_per_gpu * env.world_size
@@ -318,8 +327,11 @@ def _train(cfg: DictConfig, resume: str, env: dist.DistEnv, device: torch.device
             momentum, teacher_temp = now["momentum"], now["teacher_temp"]
             apply_schedules(optimizer, lr, wd, last_lr)
             optimizer.zero_grad(set_to_none=True)
+            if gram is not None and gram.due(step):
+                gram.refresh(meta.teacher.backbone, step)
+                logger.info(f"step {step}: Gram teacher taken from the EMA teacher")
             with autocast:
-                losses = meta.losses(batch, teacher_temp, student_forward)
+                losses = meta.losses(batch, teacher_temp, student_forward, gram)
             loss = losses["loss"]
             if dist.any_rank(not bool(torch.isfinite(loss)), device):
                 progress.nonfinite_skips += 1

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from dinospec.models.heads import DINOHead
 from dinospec.models.vit import VisionTransformer, build_backbone
 from dinospec.ssl.diagnostics import dino_diagnostics
+from dinospec.ssl.gram_teacher import GramAnchor
 from dinospec.ssl.losses import DINOLoss, IBOTPatchLoss, KoLeoLoss
 
 
@@ -53,7 +54,8 @@ class Student(nn.Module):
         else:
             dino = self.dino_head(torch.cat([cls_g, cls_l]) if cls_l is not None else cls_g)
             dino_g, dino_l, ibot = dino[:n_g], dino[n_g:], self.ibot_head(masked)
-        return {"cls": cls_g, "dino_global": dino_g, "dino_local": dino_l if n_l else None, "ibot": ibot}
+        return {"cls": cls_g, "dino_global": dino_g, "dino_local": dino_l if n_l else None, "ibot": ibot,
+                "patch": g["x_norm_patchtokens"]}  # (2B, N, D): the Gram loss's student features
 
 
 def build_teacher_backbone(cfg: Any) -> nn.Module:
@@ -101,9 +103,11 @@ class SSLMetaArch(nn.Module):
         return dino_probs, ibot_probs, out
 
     def losses(self, batch: dict[str, Any], teacher_temp: float,
-               student_forward: Callable[..., dict[str, Tensor]] | None = None) -> dict[str, Tensor]:
+               student_forward: Callable[..., dict[str, Tensor]] | None = None,
+               gram: GramAnchor | None = None) -> dict[str, Tensor]:
         """All loss terms, their weighted total and the learning diagnostics (dinospec.ssl.diagnostics) for one
-        batch (student_forward: the DDP-wrapped student). Only "loss" carries gradient."""
+        batch (student_forward: the DDP-wrapped student; gram: the run's Gram anchor, whose term counts once its
+        teacher has been taken). Only "loss" carries gradient."""
         cfg = self.cfg
         masks = batch["masks"]
         dino_t, ibot_t, teacher_out = self.teacher_targets(batch["global_crops"], masks, teacher_temp)
@@ -116,6 +120,9 @@ class SSLMetaArch(nn.Module):
         total = cfg.dino.loss_weight * terms["dino_loss"]
         total = total + cfg.ibot.loss_weight * terms.get("ibot_loss", 0.0)
         total = total + cfg.dino.koleo_loss_weight * terms.get("koleo_loss", 0.0)
+        if gram is not None and gram.active:
+            terms["gram_loss"] = gram.loss(out["patch"], batch["global_crops"], masks)
+            total = total + cfg.gram.loss_weight * terms["gram_loss"]
         diagnostics = dino_diagnostics(teacher_out["cls"], teacher_out["dino_global"], dino_t)
         return {"loss": total, **terms, **diagnostics}
 
