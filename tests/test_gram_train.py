@@ -119,3 +119,23 @@ def test_gram_run_resumes_bitwise_and_switches_on_when_resuming(tmp_path: Path) 
         b = _state(run, 6)
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+
+
+@pytest.mark.slow
+def test_fsdp2_gram_teacher_is_the_gathered_teacher(tmp_path: Path) -> None:
+    """2 ranks, FSDP2 on gloo: the Gram teacher taken before step 3 (each rank gathering the sharded EMA teacher)
+    is exactly the full teacher of the step-3 checkpoint, and training goes on with a finite Gram loss."""
+    from conftest import run_torchrun
+
+    run = tmp_path / "fsdp"
+    run_torchrun(2, ["train", *tiny_overrides(run, photos_dir(), **{
+        "train.max_steps": 4, "checkpoint.period_steps": 3, "checkpoint.keep_last": 0, "compute.strategy": "fsdp",
+        "train.batch_size_per_gpu": 4, "gram.enabled": True, "gram.start_step": 3, "gram.img_size": 48})])
+    at3, at4 = _state(run, 3), _state(run, 4)
+    assert int(at3["gram.taken_step"]) == -1 and int(at4["gram.taken_step"]) == 3
+    frozen = [k for k in at4 if k.startswith("gram.backbone.")]
+    assert len(frozen) > 10
+    for k in frozen:
+        assert torch.equal(at4[k], at3["model.teacher." + k[len("gram."):]]), k
+    last = _records(run)[-1]
+    assert last["step"] == 4 and 0 < last["gram_loss"] < float("inf")
