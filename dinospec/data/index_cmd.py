@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import sys
 import time
@@ -24,10 +25,10 @@ def run(args: argparse.Namespace) -> int:
 
     root = Path(args.data)
     if not root.is_dir():
-        root = root.parent
-    if not root.is_dir():
-        print(f"dinospec index: {args.data}: no such directory", file=sys.stderr)
-        return 2
+        if not (glob.has_magic(args.data) or root.is_file()):
+            print(f"dinospec index: {args.data}: no such file or directory", file=sys.stderr)
+            return 2
+        root = root.parent  # one shard or a glob: its directory is indexed
     start = time.perf_counter()
     try:
         index = build_index(root, workers=max(1, args.workers), force=args.force)
