@@ -51,7 +51,8 @@ def feistel_permute(values: np.ndarray, sizes: np.ndarray, keys: np.ndarray) -> 
     values = np.asarray(values, dtype=np.uint64).copy()
     sizes = np.asarray(sizes, dtype=np.uint64)
     keys = np.asarray(keys, dtype=np.uint64)
-    bits = np.ceil(np.log2(np.maximum(sizes, 2).astype(np.float64))).astype(np.uint64)
+    widths, where = np.unique(sizes, return_inverse=True)  # few distinct sizes: exact integer bit lengths
+    bits = np.array([max(1, (int(w) - 1).bit_length()) for w in widths], dtype=np.uint64)[where.reshape(sizes.shape)]
     half = (bits + np.uint64(1)) // np.uint64(2)
     mask = (np.uint64(1) << half) - np.uint64(1)
     pending = np.ones(values.shape, dtype=bool)
@@ -127,8 +128,8 @@ class ShardWindowOrder:
     def _prepare(self, pass_index: int) -> None:
         if pass_index == self._pass:
             return
-        rng = np.random.Generator(np.random.PCG64(_key(self.seed, pass_index, "shards")))
-        self._shards = rng.permutation(len(self.counts))  # pass order of the shards
+        generator = torch.Generator().manual_seed(_key(self.seed, pass_index, "shards"))  # torch's stream: stable
+        self._shards = torch.randperm(len(self.counts), generator=generator).numpy()  # pass order of the shards
         self._starts = np.concatenate([[0], np.cumsum(self.counts[self._shards])])  # pass offset of each
         # pass offset where each window begins, then the end of the pass
         self._window_starts = np.append(self._starts[np.arange(0, len(self.counts), self.window)], self._starts[-1])
