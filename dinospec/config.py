@@ -233,6 +233,10 @@ class TrainConfig:
     max_nonfinite_skips: int = 10
     deterministic: bool = False
     """Deterministic kernels (bitwise-reproducible CPU runs; slower on GPU)."""
+    init_from: Optional[str] = None
+    """Start a new phase from another run's checkpoint (a run dir or step dir): student, teacher, heads and loss
+    centres, a learned pos_embed resized to the crop size; fresh optimizer and schedules (dinospec/phase.py).
+    Ignored once this run has checkpoints of its own (it resumes from them)."""
 
 
 @dataclass

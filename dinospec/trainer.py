@@ -262,7 +262,8 @@ def _train(cfg: DictConfig, resume: str, env: dist.DistEnv, device: torch.device
         raise ConfigError(f"{run_dir} already holds checkpoints and --no-resume was given; "
                           f"choose another train.output_dir (nothing is overwritten)")
     saved_gram = False  # whether the checkpoint resumed from holds a Gram teacher
-    if resume not in ("auto", "never") or (resume == "auto" and has_checkpoint):
+    resuming = resume not in ("auto", "never") or (resume == "auto" and has_checkpoint)
+    if resuming:
         saved_yaml = checkpointer.read_config(None if resume == "auto" else resume)
         saved_gram = bool(OmegaConf.select(OmegaConf.create(saved_yaml), "gram.enabled", default=False))
         changed = check_compatible(saved_yaml, cfg)
@@ -277,6 +278,10 @@ def _train(cfg: DictConfig, resume: str, env: dist.DistEnv, device: torch.device
 
         for part in (meta.student, meta.teacher):
             load_pretrained_backbone(part.backbone, cfg.student.pretrained_weights)
+    if cfg.train.init_from and not resuming:  # a new phase of another run (its own checkpoints win once it has any)
+        from dinospec.phase import init_from_run
+
+        init_from_run(meta, cfg, cfg.train.init_from)
     # a frozen copy of the teacher backbone, taken at gram.start_step; replicated, never sharded or wrapped
     gram = GramAnchor(cfg, meta.teacher.backbone).to(device) if cfg.gram.enabled else None
     dtype = _precision(cfg, device)
