@@ -26,6 +26,7 @@ import tarfile
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -243,30 +244,31 @@ def build_index(root: str | Path, workers: int = 1, force: bool = False) -> Shar
             raise FileNotFoundError(f"no .tar shards in {root}{hint}")
         start = time.perf_counter()
         paths = [str(root / n) for n in names]
-        if workers > 1:
-            with ProcessPoolExecutor(workers) as pool:
-                scanned = list(pool.map(_scan_one, paths, chunksize=max(1, len(paths) // (16 * workers))))
-        else:
-            scanned = [_scan_one(p) for p in paths]
-        counts = np.array([len(r) for r, _, _ in scanned], dtype=np.int64)
-        if counts.sum() == 0:
-            raise FileNotFoundError(f"no image members found in the {len(names)} tar shard(s) of {root}")
-        labelled = all(lab for _, lab, _ in scanned)
-        width = max(len(n.encode("utf-8", "surrogateescape")) for n in names)
-        shards = np.zeros(len(names), dtype=[("name", f"S{width}"), *SHARD_FIELDS])
-        shards["name"] = [n.encode("utf-8", "surrogateescape") for n in names]
-        shards["count"] = counts
-        shards["first"] = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        shards["nbytes"] = [nbytes for _, _, nbytes in scanned]
-        num_classes = int(max(int(r["label"].max()) for r, _, _ in scanned if len(r)) + 1) if labelled else 0
+        counts = np.zeros(len(names), dtype=np.int64)
+        nbytes = np.zeros(len(names), dtype=np.int64)
+        labelled, max_label = True, -1
         tmp = Path(tempfile.mkdtemp(prefix=f"{INDEX_DIRNAME}.tmp-", dir=root))
         try:
-            with open(tmp / "samples.bin", "wb") as f:
-                for records, _, _ in scanned:
+            pool = ProcessPoolExecutor(workers) if workers > 1 else None
+            with open(tmp / "samples.bin", "wb") as f, pool or nullcontext():
+                scanned = pool.map(_scan_one, paths, chunksize=max(1, len(paths) // (16 * workers))) if pool \
+                    else map(_scan_one, paths)
+                for s, (records, has_labels, size) in enumerate(scanned):  # in shard order, streamed to disk
                     f.write(records.tobytes())
+                    counts[s], nbytes[s] = len(records), size
+                    labelled &= has_labels
+                    max_label = max(max_label, int(records["label"].max()) if len(records) else -1)
+            if counts.sum() == 0:
+                raise FileNotFoundError(f"no image members found in the {len(names)} tar shard(s) of {root}")
+            width = max(len(n.encode("utf-8", "surrogateescape")) for n in names)
+            shards = np.zeros(len(names), dtype=[("name", f"S{width}"), *SHARD_FIELDS])
+            shards["name"] = [n.encode("utf-8", "surrogateescape") for n in names]
+            shards["count"] = counts
+            shards["first"] = np.concatenate([[0], np.cumsum(counts)[:-1]])
+            shards["nbytes"] = nbytes
             np.save(tmp / "shards.npy", shards)
             meta = {"version": FORMAT_VERSION, "num_samples": int(counts.sum()), "num_shards": len(names),
-                    "labelled": labelled, "num_classes": num_classes}
+                    "labelled": labelled, "num_classes": max_label + 1 if labelled else 0}
             (tmp / "meta.json").write_text(json.dumps(meta) + "\n")
             if final.exists():  # --force: move the old one aside, then swap in the new one
                 old = Path(tempfile.mkdtemp(prefix=f"{INDEX_DIRNAME}.old-", dir=root))
