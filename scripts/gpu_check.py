@@ -653,7 +653,7 @@ def vitl(ctx: Ctx, spec: str = "paper") -> tuple[Trainee, dict[str, Any]]:
     key = f"vitl_{spec}"
     if key not in ctx.cache:
         batch = ctx.cache.get("vitl_batch") or speed_batch(ctx)
-        others = [k for k in ctx.cache if k.startswith("vitl_") and k not in (key, "vitl_batch")]
+        others = [k for k in ctx.cache if str(k).startswith("vitl_") and k not in (key, "vitl_batch")]
         while True:
             try:
                 cfg = load_cfg(ctx.sizes.speed + [f"spec={spec}", f"train.batch_size_per_gpu={batch}"])
@@ -690,6 +690,7 @@ def ssl_flops_per_image(cfg: Any, masked_per_image: float) -> dict[str, float]:
     student's blocks by the fraction of rows drop path computes when it runs on a batch subset (DINOv2's trick:
     floor(n (1 - rate)) of n rows), since those FLOPs are never done.
     """
+    import torch
     from torch import nn
 
     from dinospec.model_info import _vanilla_spec, count_flops
@@ -704,12 +705,20 @@ def ssl_flops_per_image(cfg: Any, masked_per_image: float) -> dict[str, float]:
     def split(img: int) -> tuple[float, float]:
         # built at the crop size: count_flops's fvcore trace of the pos-embed interpolation fails for another size
         # (TypeError in upsample_bicubic2d: the traced scale factors are tensors); the interpolation is no FLOPs
-        f1, f2 = (count_flops(build_backbone({**student, "depth": d, "drop_path_rate": 0.0}, vanilla, img_size=img),
-                              img) for d in (1, 2))
+        flops = []
+        for depth_here in (1, 2):
+            with torch.device("meta"):  # no init: the values do not change the count
+                model = build_backbone({**student, "depth": depth_here, "drop_path_rate": 0.0}, vanilla, img_size=img)
+            model = model.to_empty(device="cpu")
+            for t in [*model.parameters(), *model.buffers()]:
+                torch.nn.init.zeros_(t)
+            flops.append(count_flops(model, img))
+        f1, f2 = flops
         return f1 - (f2 - f1), f2 - f1  # outside the blocks, one block
 
     (out_g, blk_g), (out_l, blk_l) = split(g), split(l)
-    heads = _heads(cfg, arch_kwargs(student)["embed_dim"])
+    with torch.device("meta"):  # shapes are all the count needs: no memory, no init
+        heads = _heads(cfg, arch_kwargs(student)["embed_dim"])
     per_token = {k: sum(2 * m.in_features * m.out_features for m in h.modules() if isinstance(m, nn.Linear))
                  for k, h in heads.items()}
     cls_head, patch_head = per_token["dino_head"], per_token.get("ibot_head", per_token["dino_head"])
@@ -730,6 +739,16 @@ def ssl_flops_per_image(cfg: Any, masked_per_image: float) -> dict[str, float]:
     executed = 3 * student_fwd(kept(2 * b), kept(n_local * b)) + teacher
     return {"backbone_fwd_flops_global": out_g + depth * blk_g, "backbone_fwd_flops_local": out_l + depth * blk_l,
             "flops_per_image_nominal": nominal, "flops_per_image_executed": executed}
+
+
+def step_flops(ctx: Ctx, trainee: Trainee, batch: dict[str, Any]) -> dict[str, float]:
+    """ssl_flops_per_image for this model and batch, counted once per worker (fvcore traces take seconds)."""
+    b = trainee.cfg.train.batch_size_per_gpu
+    masked = float(batch["masks"].sum()) / b
+    key = ("flops", trainee.cfg.student.arch, b, masked)
+    if key not in ctx.cache:
+        ctx.cache[key] = {**ssl_flops_per_image(trainee.cfg, masked), "masked_patches_per_image": masked}
+    return ctx.cache[key]
 
 
 def device_peak(ctx: Ctx) -> tuple[str, float] | None:
@@ -1158,9 +1177,8 @@ def check_ssl_step(ctx: Ctx) -> Result:
         figures.update(peak_allocated_gib=torch.cuda.max_memory_allocated(ctx.device) / 2**30,
                        peak_reserved_gib=torch.cuda.max_memory_reserved(ctx.device) / 2**30)
     ctx.partial(**figures)
-    masked = float(batch["masks"].sum()) / b
-    flops = ssl_flops_per_image(cfg, masked)
-    figures.update(flops, masked_patches_per_image=masked)
+    flops = step_flops(ctx, trainee, batch)
+    figures.update(flops)
     peak = device_peak(ctx)
     mfu = None
     if peak:
@@ -1444,7 +1462,7 @@ def check_compile_speed(ctx: Ctx) -> Result:
     peak = device_peak(ctx)
     mfu_text = ""
     if peak:
-        flops = ssl_flops_per_image(trainee.cfg, float(batch["masks"].sum()) / b)["flops_per_image_executed"]
+        flops = step_flops(ctx, trainee, batch)["flops_per_image_executed"]
         figures["mfu_compiled"] = flops * figures["images_per_s_compiled"] / (peak[1] * 1e12)
         mfu_text = f", MFU {figures['mfu_compiled']:.1%}"
     summary = (f"{eager_ms:.1f} ms eager -> {comp_ms:.1f} ms compiled ({ctx.sizes.compile_backend} backend, "

@@ -73,7 +73,9 @@ def test_dry_run_runs_every_check_on_cpu(tmp_path: Path) -> None:
     expected = {"env": "INFO", "bf16_autocast": "PASS", "fsdp2_ws1": "PASS", "fsdp2_ws2": "PASS",
                 "sdpa_backends": "PASS", "checkpoint_resume": "PASS", "ssl_step": "PASS",
                 "paper_vs_vanilla": "PASS", "checkpoint_stall": "PASS", "compile_blocks": "PASS"}
-    assert {n: checks[n]["status"] for n in expected} == expected, {n: checks[n]["summary"] for n in checks}
+    assert {n: checks[n]["status"] for n in expected} == expected, {
+        n: (checks[n]["status"], checks[n]["summary"], checks[n]["error"], checks[n]["notes"]) for n in expected
+        if checks[n]["status"] != expected[n]}
     assert checks["xformers"]["status"] == "SKIP" and checks["xformers"]["summary"]  # no CPU kernels: a reason
     assert checks["backbone_vs_timm"]["status"] in ("PASS", "SKIP")
     # the trainer's compile may fail on drop path (then the check FAILs and measures with the workaround)
