@@ -64,6 +64,7 @@ def test_a_failing_hanging_or_dying_check_does_not_stop_the_others(tmp_path: Pat
     assert "xformers | FAIL" in (tmp_path / "gpu_check.md").read_text()
 
 
+@pytest.mark.slow  # ~45 CPU-s: two dynamo traces (~17 s) and a 2-rank FSDP2 run (~10 s) dominate
 def test_dry_run_runs_every_check_on_cpu(tmp_path: Path) -> None:
     """The whole script at tiny sizes: every check reports, the JSON and Markdown are complete."""
     proc, data = _run(tmp_path, "--dry-run", "--peak-tflops", "1000")  # a peak MFU cannot reach: profile path too
