@@ -55,7 +55,7 @@ def test_init_from_refuses_another_model(phase1: Path, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_highres_phase_trains_resumes_exports_and_evaluates(phase1: Path, tmp_path: Path) -> None:
     """Phase 2 at 48 px (with Gram anchoring against the phase's start teacher at 96 px, as DINOv3's high-res
-    recipe) for 4 steps, stopped at 2 and resumed from its own checkpoint (not from init_from again); export;
+    recipe) for 4 steps, stopped at 2 and resumed from its own checkpoint; export;
     k-NN on the bundled Fashion-MNIST sample at 48 px."""
     phase2 = tmp_path / "phase2"
     extra = {**HIGH, "train.init_from": str(phase1), "gram.enabled": True, "gram.img_size": 96}
