@@ -566,6 +566,9 @@ def validate(cfg: DictConfig) -> None:
                               f"{list(_CHOICES['data.kind'])}")
         if not 0 < source.weight < float("inf"):
             raise ConfigError(f"config key 'data.sources[{k}].weight' = {source.weight!r} must be > 0")
+    if cfg.train.init_from and cfg.student.pretrained_weights:
+        raise ConfigError("config keys 'train.init_from' and 'student.pretrained_weights' are exclusive: a new phase "
+                          "loads the whole model from the run it continues (unset student.pretrained_weights)")
     gram = cfg.gram
     if gram.enabled:
         if gram.remove_neg and gram.remove_only_teacher_neg:

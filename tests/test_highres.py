@@ -52,6 +52,12 @@ def test_init_from_refuses_another_model(phase1: Path, tmp_path: Path) -> None:
         init_from_run(SSLMetaArch(cfg), cfg, phase1)
 
 
+def test_init_from_and_pretrained_weights_are_exclusive(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="exclusive"):
+        load_config(overrides=tiny_overrides(tmp_path / "p2", photos_dir(), **{
+            "train.init_from": str(tmp_path / "p1"), "student.pretrained_weights": str(tmp_path / "w")}))
+
+
 @pytest.mark.slow
 def test_highres_phase_trains_resumes_exports_and_evaluates(phase1: Path, tmp_path: Path) -> None:
     """Phase 2 at 48 px (with Gram anchoring against the phase's start teacher at 96 px, as DINOv3's high-res
