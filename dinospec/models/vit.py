@@ -17,15 +17,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import stochastic_depth
 
+from dinospec.models import archs
 from dinospec.models.rope import RopePositions, RopeTables, apply_rope
 from dinospec.models.rope_config import rope_settings
-from dinospec.models import archs
 from dinospec.models.routed import Routing, make_slot, route
 from dinospec.models.specialize import ResolvedSpec, resolve_spec, vanilla_spec
 
 ARCHS, arch_kwargs = archs.ARCHS, archs.arch_kwargs  # torch-free (config validation); re-exported here
-
-
 POS_EMBEDS = ("learned", "rope")
 
 
