@@ -191,7 +191,7 @@ def plot_losses(metrics_path: Path, out_png: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in ("loss", "dino_loss", "ibot_loss", "koleo_loss") if any(k in r for r in records)]
+    keys = [k for k in ("loss", "dino_loss", "ibot_loss", "koleo_loss", "gram_loss") if any(k in r for r in records)]
     knn_keys = sorted({k for r in records for k in r if k.startswith("knn_top1_")})
     diagnostics = any("dino_target_entropy" in r for r in records)
     panels = len(keys) + bool(knn_keys) + 2 * diagnostics
