@@ -220,6 +220,24 @@ def test_segmentation_folder_reports_images_without_masks(tmp_path):
         SegmentationFolder(tmp_path, 32)
 
 
+def test_eval_decodes_images_as_training_does(tmp_path):
+    """One decoder: an EXIF-rotated JPEG comes out upright and a transparent PNG over white, as in training."""
+    from PIL import Image
+
+    from dinospec.data.datasets import decode_image
+    from dinospec.eval.features import open_rgb
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    Image.new("RGB", (40, 20), (200, 30, 30)).save(tmp_path / "rotated.jpg", exif=exif)
+    Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    assert open_rgb(tmp_path / "rotated.jpg").size == (20, 40)
+    assert open_rgb(tmp_path / "clear.png").getpixel((0, 0)) == (255, 255, 255)
+    for name in ("rotated.jpg", "clear.png"):
+        path = str(tmp_path / name)
+        assert open_rgb(tmp_path / name).tobytes() == decode_image(path, path).tobytes()
+
+
 def test_extract_features_restores_mode_and_keeps_the_patch_grid():
     model = tiny_vit(num_register_tokens=2).train()
     feats = extract_features(model, SegmentationFolder(SEG / "val", 32), batch_size=8, keep_patches=True,

@@ -32,6 +32,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from dinospec.data.datasets import IMAGE_EXTENSIONS, LABEL_EXTENSIONS
+
 log = logging.getLogger(__name__)
 
 INDEX_DIRNAME = ".dinospec-index"
@@ -39,8 +41,6 @@ FORMAT_VERSION = 1
 RECORD = np.dtype([("offset", "<i8"), ("size", "<u4"), ("label", "<i4")])  # 16 bytes per sample
 SHARD_FIELDS = [("count", "<i8"), ("first", "<i8"), ("nbytes", "<i8")]
 COMPRESSED_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst", ".tar.lz4")
-IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm"})
-LABEL_EXTENSIONS = frozenset({"cls", "cls.txt", "label", "label.txt"})
 
 
 class ShardIndexError(ValueError):

@@ -4,7 +4,8 @@ Features are extracted once per data set and then reused by every probe (all k o
 the linear probes), so the expensive part — the backbone forward — runs exactly once per image.
 
 Preprocessing (every probe, every split): resize the shorter side to ``img_size`` (bicubic; nearest for masks),
-centre-crop ``img_size`` x ``img_size``, ImageNet mean/std. Greyscale images are converted to RGB.
+centre-crop ``img_size`` x ``img_size``, ImageNet mean/std. Images are decoded as in training
+(`dinospec.data.datasets.decode_image`: EXIF rotation, alpha over white, 16-bit grey scaled, any mode to RGB).
 
 An image that cannot be read (truncated, empty, not an image) is skipped, as in training: each is logged once
 with its path, and `Features.skipped` lists them, so a report can say how many were left out.
@@ -27,9 +28,9 @@ from torchvision.datasets import ImageFolder
 from torchvision.transforms import InterpolationMode
 from tqdm import tqdm
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+from dinospec.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from dinospec.data.datasets import IMAGE_EXTENSIONS, BrokenImage, decode_image
+
 MASK_EXTENSION = ".png"
 
 log = logging.getLogger(__name__)
@@ -40,12 +41,12 @@ log = logging.getLogger(__name__)
 
 
 def open_rgb(path: str | Path) -> Image.Image:
-    """Decode an image as RGB; a file that is not an image fails with its path in the message."""
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (OSError, ValueError) as e:
-        raise OSError(f"cannot read image {path}: {e}") from None
+    """Decode an image to RGB with training's decoder; a file that is not an image raises BrokenImage."""
+    return decode_image(str(path), str(path))
+
+
+def is_image(path: Path) -> bool:
+    return path.suffix.lower().removeprefix(".") in IMAGE_EXTENSIONS
 
 
 def resize_crop(img: Image.Image, size: int, interpolation: InterpolationMode) -> Image.Image:
@@ -89,9 +90,9 @@ def list_images(root: str | Path, max_images: int | None = None) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    files = sorted(p for p in root.rglob("*") if is_image(p) and p.is_file())
     if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {root}")
     return files[:max_images] if max_images else files
 
 
@@ -122,7 +123,7 @@ class SegmentationFolder(Dataset):
             raise FileNotFoundError(f"segmentation folder {root} does not exist")
         img_dir, mask_dir = (root / "images", root / "masks") if (root / "images").is_dir() else (root, root)
         masks = {p.stem: p for p in mask_dir.iterdir() if p.suffix.lower() == MASK_EXTENSION}
-        images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS
+        images = sorted(p for p in img_dir.iterdir() if is_image(p)
                         and not (img_dir == mask_dir and p.suffix.lower() == MASK_EXTENSION))
         missing = [p.name for p in images if p.stem not in masks]
         if missing:
@@ -211,7 +212,7 @@ class _SkipUnreadable(Dataset):
     def __getitem__(self, i: int) -> tuple[Any, str | None]:
         try:
             return self.dataset[i], None
-        except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for broken files
+        except (BrokenImage, OSError, ValueError, SyntaxError) as e:  # PIL raises the last three for broken files
             return None, str(e)
 
 
