@@ -71,11 +71,6 @@ def canonical_keys(state: Mapping[str, Any], allow_routed: bool) -> dict[str, Te
     return out
 
 
-def convert_dinov2_state_dict(state: Mapping[str, Any]) -> dict[str, Tensor]:
-    """DINOv2 weights (released .pth, teacher/training checkpoint, chunked blocks) -> dinospec vanilla keys."""
-    return canonical_keys(_unwrap_backbone(state), allow_routed=False)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # DINOv3 key format -> dinospec
 

@@ -88,7 +88,12 @@ def test_routing_segments(grouping, num_reg):
     # the per-token group index agrees with the token types
     types = ["cls"] + ["reg"] * num_reg + ["patch"] * 4
     expected = [next(i for i, g in enumerate(GROUPINGS[grouping]) if t in g) for t in types]
-    assert routing.group_index().tolist() == expected
+    assert group_index(routing).tolist() == expected
+
+
+def group_index(routing: Routing) -> torch.Tensor:
+    """(N,) long tensor: the group of every token position."""
+    return torch.cat([torch.full((b - a,), g, dtype=torch.long) for a, b, g in routing.segments])
 
 
 def test_resolve_groups():
@@ -273,7 +278,7 @@ def capture_output(layer: nn.Module, store: list) -> torch.utils.hooks.Removable
 def test_perturbing_one_group_changes_only_its_tokens(kind, grouping):
     model = fully_routed(grouping)
     layer = layer_of(model, kind)
-    group_index = model.routing(4).group_index()  # (N,)
+    groups = group_index(model.routing(4))  # (N,)
     x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(6))
     outs: list = []
     handle = capture_output(layer, outs)
@@ -290,7 +295,7 @@ def test_perturbing_one_group_changes_only_its_tokens(kind, grouping):
     ref = outs[0]
     for g, out in enumerate(outs[1:]):
         changed = (out != ref).any(dim=-1)  # (B, N): tokens whose output moved at all
-        in_group = (group_index == g).expand_as(changed)
+        in_group = (groups == g).expand_as(changed)
         assert changed[in_group].all(), f"group {g}: some of its tokens did not change"
         assert not changed[~in_group].any(), f"group {g}: tokens of other groups changed"
         assert torch.equal(out[~in_group], ref[~in_group])
@@ -301,7 +306,7 @@ def test_perturbing_one_group_changes_only_its_tokens(kind, grouping):
 def test_gradient_of_a_copy_comes_from_its_tokens_only(kind, grouping):
     model = fully_routed(grouping)
     layer = layer_of(model, kind)
-    group_index = model.routing(4).group_index()
+    groups = group_index(model.routing(4))
     outs: list = []
     handle = capture_output(layer, outs)
     model.forward_features(torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(7)))
@@ -309,7 +314,7 @@ def test_gradient_of_a_copy_comes_from_its_tokens_only(kind, grouping):
     out = outs[0]  # (B, N, C)
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(8))
     for g in range(len(layer)):
-        loss = (out[:, group_index == g] * weights[:, group_index == g]).sum()
+        loss = (out[:, groups == g] * weights[:, groups == g]).sum()
         for h in range(len(layer)):
             grads = torch.autograd.grad(loss, list(layer[h].parameters()), retain_graph=True, allow_unused=True)
             if h == g:

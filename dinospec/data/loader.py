@@ -10,8 +10,9 @@ A batch (per rank, b samples, L local crops) is a dict:
                                      SSLLoader.broken.sync() gives the run's count over ranks)
 
 Everything random about a sample derives from (train.seed, pass, index), so a sample is bitwise the same whatever
-the number of ranks or workers, and `state_dict()` (the stream position after the last batch the training loop
-*received*, not the last one prefetched) resumes exactly.
+the number of ranks or workers, and a loader built with `start_step` (stream position step x global batch) resumes
+exactly; `SSLLoader.position` is the position after the last batch the training loop *received*, not the last one
+prefetched.
 """
 
 from __future__ import annotations
@@ -161,16 +162,6 @@ class SSLLoader:
             batch["num_broken"] = self.broken.local_count()
             yield batch
 
-    def state_dict(self) -> dict[str, int]:
-        return {"position": self._position, "global_batch_size": self.sampler.global_batch_size}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue from `state` (takes effect at the next iter())."""
-        if state.get("global_batch_size", self.sampler.global_batch_size) != self.sampler.global_batch_size:
-            log.warning("resuming a stream written with global batch %d at global batch %d: the stream stays "
-                        "exact, step numbers no longer map to the same samples",
-                        state["global_batch_size"], self.sampler.global_batch_size)
-        self._position = int(state["position"])
 
 
 def _order(images: ImageDataset, name: str, seed: int, window: int):

@@ -54,10 +54,6 @@ class Routing:
             start += length
         return Routing(tuple(tuple(s) for s in segments))  # type: ignore[misc]
 
-    def group_index(self, device: torch.device | None = None) -> Tensor:
-        """(N,) long tensor: the group of every token position."""
-        return torch.cat([torch.full((b - a,), g, dtype=torch.long, device=device) for a, b, g in self.segments])
-
 
 class SegmentedLinear(torch.autograd.Function):
     """A Linear with its own (weight, bias) per token segment of x (B, N, C), all written into one output.

@@ -351,9 +351,6 @@ class VisionTransformer(nn.Module):
             parts.append([o[:, 1:p] for o in outputs])
         return tuple(zip(*parts)) if len(parts) > 1 else tuple(patches)
 
-    def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token", "register_tokens", "mask_token"}
-
 
 def interpolate_pos_embed(pos: Tensor, gh: int, gw: int, offset: float, antialias: bool) -> Tensor:
     """A learned (1, 1 + M*M, D) position embedding for a gh x gw patch grid: the patch grid resized bicubically,

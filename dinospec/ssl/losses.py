@@ -56,21 +56,17 @@ def update_center(center: Tensor, teacher_logits: Tensor, momentum: float) -> Te
 
 
 @torch.no_grad()
-def sinkhorn_knopp_teacher(teacher_logits: Tensor, temp: float, n_iterations: int = 3,
-                           n_masked_patches_tensor: Tensor | None = None) -> Tensor:
+def sinkhorn_knopp_teacher(teacher_logits: Tensor, temp: float, n_iterations: int = 3) -> Tensor:
     """DINOv2's distributed Sinkhorn-Knopp: (R, K) logits -> (R, K) assignments whose rows each sum to 1.
 
     Q = exp(logits / temp) over the global batch of B rows is alternately scaled so that every prototype gets mass
-    1/K and every row mass 1/B; sums over rows are all-reduced. B is the all-reduced row count
-    (`n_masked_patches_tensor`, this rank's valid row count, overrides it as in DINOv2's iBOT variant; the caller's
-    tensor is not modified). The global maximum is subtracted before exp (it cancels) so no logit scale overflows.
+    1/K and every row mass 1/B; sums over rows are all-reduced. B is the all-reduced row count. The global maximum is subtracted before exp (it cancels) so no logit scale overflows.
     """
     q = teacher_logits.detach().float()  # (R, K)
     num_rows, k = q.shape
     local_max = q.max() if q.numel() else q.new_tensor(float("-inf"))
     global_max = _all_reduce(local_max.clone(), dist.ReduceOp.MAX)
-    rows_here = n_masked_patches_tensor if n_masked_patches_tensor is not None else num_rows
-    b = _all_reduce(torch.as_tensor(rows_here, dtype=torch.float32, device=q.device).clone().reshape(()))
+    b = _all_reduce(torch.as_tensor(num_rows, dtype=torch.float32, device=q.device).clone().reshape(()))
     # a rank without rows still joins every all-reduce below (empty tensors sum to 0), so no rank waits forever
     q = torch.exp((q - global_max) / temp)  # (R, K), a constant factor away from exp(logits / temp)
     tiny = torch.finfo(torch.float32).tiny
@@ -102,9 +98,8 @@ class _CenteredLoss(nn.Module):
     def update_center(self, teacher_logits: Tensor) -> None:
         update_center(self.center, teacher_logits, self.center_momentum)
 
-    def sinkhorn_knopp_teacher(self, teacher_logits: Tensor, temp: float, n_iterations: int = 3,
-                               n_masked_patches_tensor: Tensor | None = None) -> Tensor:
-        return sinkhorn_knopp_teacher(teacher_logits, temp, n_iterations, n_masked_patches_tensor)
+    def sinkhorn_knopp_teacher(self, teacher_logits: Tensor, temp: float, n_iterations: int = 3) -> Tensor:
+        return sinkhorn_knopp_teacher(teacher_logits, temp, n_iterations)
 
     def student_log_probs(self, student_logits: Tensor) -> Tensor:
         return F.log_softmax(student_logits.float() / self.student_temp, dim=-1)
