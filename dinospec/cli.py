@@ -2,7 +2,7 @@
 
     dinospec model-info model=vit_large spec=paper --json
     dinospec train --config configs/demo.yaml train.output_dir=runs/demo
-    torchrun --nproc_per_node=8 -m dinospec.cli train --config configs/train/vit_large.yaml spec=paper
+    torchrun --nproc_per_node=8 -m dinospec.cli train model=vit_large spec=paper
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from dinospec.config import ConfigError, load_config
 # user-caused failures found after the config checks (a data folder without images, a disk that fills up): one
 # line and this exit status, no traceback (DINOSPEC_DEBUG=1 shows it)
 EXIT_USER_ERROR = 1
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved on a signal, run me again to resume (train, and a submitted job's rank 0)
 USER_ERRORS = (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError)
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", action="append", default=[], metavar="FILE",
                    help="YAML config merged over configs/default.yaml (repeatable)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
@@ -41,7 +42,7 @@ def cmd_model_info(args: argparse.Namespace) -> int:
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    _add_config_args(p)
+    add_config_args(p)
     group = p.add_mutually_exclusive_group()
     group.add_argument("--resume", metavar="PATH", help="resume from this checkpoint directory")
     group.add_argument("--no-resume", action="store_true",
@@ -57,7 +58,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_run_paths(cfg, resume)
     logging.basicConfig(level=os.environ.get("DINOSPEC_LOG", "INFO"), format="%(asctime)s %(levelname)s %(message)s")
     from dinospec import dist
-    from dinospec.trainer import EXIT_PREEMPTED, train
+    from dinospec.trainer import train
 
     # several SLURM tasks started by srun without a MASTER_PORT: rank 0 publishes a free port in the run dir
     job = "_".join(os.environ.get(k, "0") for k in ("SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_RESTART_COUNT"))
@@ -96,7 +97,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("model-info", help="parameters and FLOPs of a configured backbone vs vanilla")
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_model_info)
 

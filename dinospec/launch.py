@@ -44,11 +44,11 @@ import submitit
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dinospec.cli import EXIT_PREEMPTED, add_config_args
 from dinospec.config import ConfigError, RunConfig, load_config, to_yaml, validate
 from dinospec.run_lease import TOKEN_ENV, RunLease, local_process, queued_job, this_process
 
 LOG_DIR = "slurm"  # submitit's job folder inside the run directory
-EXIT_PREEMPTED = 75  # as dinospec.trainer: saved on a signal, resumed by the requeued job
 # submitit calls a USR2 a time-out once the job ran min(80 % of its limit, limit - 10 min); below this limit every
 # USR2 (preemption too) is a time-out and uses up --max-num-timeout
 SUBMITIT_TIMEOUT_FLOOR_MIN = 10
@@ -407,10 +407,7 @@ def _export_local_ranks(job_env: submitit.JobEnvironment) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", action="append", default=[], metavar="FILE",
-                   help="YAML config merged over configs/default.yaml (repeatable)")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="presets (model=NAME, spec=NAME) and dotted overrides (optim.base_lr=1e-3)")
+    add_config_args(p)
     g = p.add_argument_group("resources")
     g.add_argument("--nodes", type=int, default=1)
     g.add_argument("--gpus-per-node", type=int, default=0, help="one task per GPU (default 0: CPU tasks)")

@@ -6,7 +6,7 @@
 
 A run directory holds config.yaml, metrics.jsonl, checkpoints/ and plots/. Training resumes from the latest good
 checkpoint of its run directory by default; a preemption signal (SIGTERM, SIGUSR1, SIGUSR2) finishes the current
-step, saves and exits with EXIT_PREEMPTED.
+step, saves and returns status "preempted" (`dinospec train` then exits with dinospec.cli.EXIT_PREEMPTED).
 """
 
 from __future__ import annotations
@@ -48,7 +48,6 @@ from dinospec.ssl.schedules import build_schedules, momentum_for_run, teacher_in
 
 log = logging.getLogger("dinospec")
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved on a signal, run me again to resume
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 # keys whose change makes a checkpoint unusable (the model or its heads would not match)
 INCOMPATIBLE_KEYS = ("student", "spec", "dino.head_", "ibot.head_", "ibot.separate_head", "crops.global_crops_size")

@@ -34,7 +34,7 @@ from torture_resume import (TOTAL_STEPS, Job, checkpoint_state, differences, fin
                             kill_at_random, published_step, run_to_end, train_args, wait_for_step)
 
 from dinospec.checkpoint import load_model_state, verify_checkpoint  # noqa: E402
-from dinospec.trainer import EXIT_PREEMPTED  # noqa: E402
+from dinospec.cli import EXIT_PREEMPTED  # noqa: E402
 
 HALF = TOTAL_STEPS // 2
 

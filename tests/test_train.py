@@ -12,7 +12,7 @@ import torch
 from conftest import knn_overrides, photos_dir, run_cli, run_torchrun, tiny_overrides
 from dinospec.checkpoint import load_model_state
 from dinospec.config import ConfigError, load_config
-from dinospec.trainer import EXIT_PREEMPTED, check_compatible
+from dinospec.trainer import check_compatible
 
 
 def _losses(run_dir: Path) -> list[float]:
@@ -108,13 +108,9 @@ def test_nonfinite_loss_stops_with_the_step_named(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "non-finite" in proc.stderr and "at step" in proc.stderr
     latest = (run / "checkpoints" / "latest")
-    if latest.exists():  # whatever was published before the blow-up is finite and loads
-        state = load_model_state(run / "checkpoints" / latest.read_text().strip())
-        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
-
-
-def test_preemption_exit_code_is_distinct() -> None:
-    assert EXIT_PREEMPTED not in (0, 1, 2)
+    assert latest.exists(), proc.stderr[-3000:]  # what was published before the blow-up is finite and loads
+    state = load_model_state(run / "checkpoints" / latest.read_text().strip())
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
 def test_wandb_offline_logs_without_network(tmp_path: Path) -> None:
