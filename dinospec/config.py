@@ -28,7 +28,7 @@ class StudentConfig:
     """The backbone (DINOv2 calls it `student`; the teacher is built identically)."""
 
     arch: str = "vit_small"
-    """Size preset from dinospec.models.vit.ARCHS: vit_pico, vit_tiny, vit_small, vit_base, vit_large, vit_giant2."""
+    """Size preset from dinospec.models.archs.ARCHS: vit_pico, vit_tiny, vit_small, vit_base, vit_large, vit_giant2."""
     patch_size: int = 14
     embed_dim: Optional[int] = None
     """Overrides of the arch preset (null = take the preset's value)."""

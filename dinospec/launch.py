@@ -1,6 +1,6 @@
 """`dinospec submit`: training as a SLURM job (submitit) that requeues itself and resumes exactly.
 
-    dinospec submit --config configs/train/vit_large.yaml spec=paper --nodes 4 --gpus-per-node 8 \\
+    dinospec submit model=vit_large spec=paper --nodes 4 --gpus-per-node 8 \\
         --partition gpu --time 48:00:00 --cpus-per-task 10 --mem 0
     dinospec submit --config configs/demo.yaml --tasks-per-node 2 --dry-run   # print the sbatch script only
     dinospec submit --config configs/demo.yaml --tasks-per-node 2 --local     # same job, this machine, no SLURM

@@ -96,7 +96,8 @@ class OptimState(Stateful):
 
 
 class Progress(Stateful):
-    """Step, data position, skip count and every rank's RNG: what makes a resumed run continue the same run."""
+    """Step, skip count and every rank's RNG: what makes a resumed run continue the same run. The data position is
+    not held here: the loader is rebuilt at `step` (build_ssl_loader(start_step=...))."""
 
     def __init__(self, device: torch.device):
         self.step = 0
