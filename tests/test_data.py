@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from conftest import photos_dir
 from torchvision.transforms.v2 import functional as TF
 
 from dinospec.config import load_config
@@ -26,16 +27,19 @@ from dinospec.data.shards import IndexedTarDataset
 from dinospec.data.masking import BlockMaskGenerator, SampleMasker
 from dinospec.data.sampler import ShardedStreamSampler, derive_seed
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"real test images not found at {SHARED_DATA}")
+STAMPS = Path(__file__).resolve().parent / "data" / "tuxstamps"  # 3 bird + 3 fruit images, in the repo
 
 
 def _photos(n: int) -> list[Path]:
-    return sorted((SHARED_DATA / "photos").glob("*.jpg"))[:n]
+    photos = sorted(photos_dir().glob("*.jpg"))
+    assert len(photos) >= n, f"{n} photos wanted, {len(photos)} in {photos_dir()}"
+    return photos[:n]
 
 
 def _stamps(cls: str, n: int) -> list[Path]:
-    return sorted((SHARED_DATA / "tuxstamps" / "train" / cls).glob("*.jpg"))[:n]
+    stamps = sorted((STAMPS / cls).glob("*.jpg"))
+    assert len(stamps) >= n, f"{n} {cls} images wanted, {len(stamps)} in {STAMPS / cls}"
+    return stamps[:n]
 
 
 @pytest.fixture
@@ -83,7 +87,6 @@ def _assert_batches_equal(a: dict, b: dict) -> None:
 # datasets
 
 
-@needs_shared
 def test_folder_dataset_takes_labels_from_class_folders(labelled_tree: Path):
     ds = build_dataset(str(labelled_tree))
     assert isinstance(ds, FolderDataset)
@@ -93,7 +96,6 @@ def test_folder_dataset_takes_labels_from_class_folders(labelled_tree: Path):
     assert img.mode == "RGB" and img.size == (224, 224)
 
 
-@needs_shared
 def test_folder_dataset_without_class_folders_is_unlabeled_and_recursive(photo_tree: Path):
     ds = build_dataset(str(photo_tree), kind="folder")
     assert ds.classes == [] and len(ds) == 6  # README.txt is not an image
@@ -102,7 +104,6 @@ def test_folder_dataset_without_class_folders_is_unlabeled_and_recursive(photo_t
     assert all(ds.load(i).mode == "RGB" for i in range(6))
 
 
-@needs_shared
 def test_file_list_with_and_without_labels(tmp_path: Path, labelled_tree: Path):
     files = sorted(labelled_tree.rglob("*.jpg"))
     rel = [f.relative_to(tmp_path) for f in files]
@@ -129,7 +130,6 @@ def _write_shard(path: Path, members: list[tuple[str, bytes]]) -> None:
             tar.addfile(info, io.BytesIO(data))
 
 
-@needs_shared
 def test_tar_shards_index_group_by_key_and_read_randomly(tmp_path: Path, labelled_tree: Path):
     files = sorted(labelled_tree.rglob("*.jpg"))
     shard_dir = tmp_path / "shards"
@@ -228,7 +228,6 @@ def broken_tree(tmp_path: Path) -> tuple[Path, list[str]]:
     return root, ["b_empty.jpg", "b_text.jpg", "b_truncated.jpg"]
 
 
-@needs_shared
 def test_broken_files_raise_broken_image(broken_tree):
     root, broken = broken_tree
     ds = build_dataset(str(root))
@@ -242,7 +241,6 @@ def test_broken_files_raise_broken_image(broken_tree):
     assert sorted(failing) == broken
 
 
-@needs_shared
 def test_samples_skip_broken_files_reporting_each_once(broken_tree):
     root, broken = broken_tree
     ds = build_dataset(str(root))
@@ -264,7 +262,6 @@ def test_samples_skip_broken_files_reporting_each_once(broken_tree):
         assert again["sample_id"] == sample["sample_id"] and torch.equal(again["global_crops"], sample["global_crops"])
 
 
-@needs_shared
 def test_loader_counts_and_logs_each_broken_file_once_over_workers(broken_tree, caplog):
     """Two workers, three passes: every worker meets every broken file, the run logs and counts each once."""
     root, broken = broken_tree
@@ -280,7 +277,6 @@ def test_loader_counts_and_logs_each_broken_file_once_over_workers(broken_tree, 
 # augmentation and masks
 
 
-@needs_shared
 def test_colour_ops_match_torchvision_formulas():
     x = TF.pil_to_tensor(Image.open(_photos(1)[0]).convert("RGB").resize((48, 40))).float() / 255
     for f in (0.6, 1.0, 1.4):
@@ -303,7 +299,6 @@ def test_blur_probability_tables():
         MultiCropAugmentation(blur_probabilities="sometimes")
 
 
-@needs_shared
 def test_multicrop_shapes_dtypes_and_normalisation():
     image = Image.open(_photos(1)[0]).convert("RGB")
     aug = MultiCropAugmentation(64, (0.32, 1.0), 3, 32, (0.05, 0.32))
@@ -376,7 +371,6 @@ def test_sampler_resume_continues_the_same_stream():
 # loader
 
 
-@needs_shared
 def test_loader_batch_layout(labelled_tree: Path):
     cfg = _tiny_cfg(labelled_tree)
     loader = build_ssl_loader(cfg, rank=0, world_size=1, start_step=0)
@@ -397,7 +391,6 @@ def test_loader_batch_layout(labelled_tree: Path):
     assert no_local["local_crops"] is None
 
 
-@needs_shared
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_loader_resume_is_exact(labelled_tree: Path, num_workers: int):
     cfg = _tiny_cfg(labelled_tree, f"data.num_workers={num_workers}")
@@ -417,7 +410,6 @@ def test_loader_resume_is_exact(labelled_tree: Path, num_workers: int):
     assert {p for p, _ in torch.cat([e["sample_ids"] for e in expected]).tolist()} == {0, 1}
 
 
-@needs_shared
 def test_samples_do_not_depend_on_ranks_or_workers(labelled_tree: Path):
     """One rank with batch 4 (2 worker processes) == two ranks with batch 2 (in-process), bitwise; another pass
     of the same image gives other views."""
@@ -435,7 +427,6 @@ def test_samples_do_not_depend_on_ranks_or_workers(labelled_tree: Path):
     assert not torch.equal(samples[(0, index)]["global_crops"], samples[(1, index)]["global_crops"])
 
 
-@needs_shared
 def test_views_do_not_depend_on_torch_thread_count():
     """Workers run 1 torch thread, the main process several: large crops must still give the same bits."""
     image = Image.open(_photos(1)[0]).convert("RGB")
