@@ -25,7 +25,7 @@ demo: install
 	$(VENV)/bin/dinospec train --config configs/demo.yaml train.output_dir=runs/demo
 
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -rs $(PYTEST_ARGS)  # -rs: each skipped test says why (SLURM, the DINOv3 reference)
 
 test-slurm: install
 	$(PY) -m pytest -m slurm $(PYTEST_ARGS)
