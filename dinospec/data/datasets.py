@@ -20,8 +20,7 @@ from typing import BinaryIO, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm"})
-LABEL_EXTENSIONS = ("cls", "cls.txt", "label", "label.txt")  # webdataset members holding an integer class
+from dinospec.data.shard_index import IMAGE_EXTENSIONS, LABEL_EXTENSIONS
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 _WIDE_GREY_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
 

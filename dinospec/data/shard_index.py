@@ -32,8 +32,6 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from dinospec.data.datasets import IMAGE_EXTENSIONS, LABEL_EXTENSIONS
-
 log = logging.getLogger(__name__)
 
 INDEX_DIRNAME = ".dinospec-index"
@@ -41,6 +39,9 @@ FORMAT_VERSION = 1
 RECORD = np.dtype([("offset", "<i8"), ("size", "<u4"), ("label", "<i4")])  # 16 bytes per sample
 SHARD_FIELDS = [("count", "<i8"), ("first", "<i8"), ("nbytes", "<i8")]
 COMPRESSED_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst", ".tar.lz4")
+# the one list of what is an image (by extension) for every reader: folders, file lists, tar members, evaluation
+IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm"})
+LABEL_EXTENSIONS = frozenset({"cls", "cls.txt", "label", "label.txt"})  # webdataset members holding an integer class
 
 
 class ShardIndexError(ValueError):
