@@ -7,7 +7,7 @@ uses stochastic depth (drop-path 0.1), so a resumed RNG stream that is off by a 
 Python's and numpy's global RNG states are left out of the comparison: the trainer does not seed them (nothing in
 training draws from them), so two uninterrupted runs already differ there; a resume restores them.
 
-The launching, waiting, killing and comparing are scripts/torture_resume.py's, which repeats the SIGKILL case many
+The launching, waiting, killing and comparing are tests/resume_harness.py's (scripts/torture_resume.py runs it), which repeats the SIGKILL case many
 times; this file runs each case once, at a random moment (the event text in a failure says which).
 """
 
@@ -19,7 +19,6 @@ import random
 import re
 import shutil
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,14 +26,11 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import REPO
+from resume_harness import (TOTAL_STEPS, Job, checkpoint_state, differences, final_state, flatten, kill_at_random,
+                            published_step, run_to_end, train_args, wait_for_step)
 
-sys.path.insert(0, str(REPO / "scripts"))
-from torture_resume import (TOTAL_STEPS, Job, checkpoint_state, differences, final_state, flatten,  # noqa: E402
-                            kill_at_random, published_step, run_to_end, train_args, wait_for_step)
-
-from dinospec.checkpoint import load_model_state, verify_checkpoint  # noqa: E402
-from dinospec.cli import EXIT_PREEMPTED  # noqa: E402
+from dinospec.checkpoint import load_model_state, verify_checkpoint
+from dinospec.cli import EXIT_PREEMPTED
 
 HALF = TOTAL_STEPS // 2
 

@@ -331,12 +331,9 @@ def test_training_run_with_rope_resumes_bitwise_and_exports(tmp_path):
     bitwise, 2 steps + a resume to 4 (the augmentation's draws come back with the RNG state); losses finite; the
     run's teacher exports and loads as a RoPE backbone."""
     import json
-    import sys
 
-    from conftest import REPO, run_cli
-
-    sys.path.insert(0, str(REPO / "scripts"))
-    from torture_resume import differences, final_state, train_args
+    from conftest import run_cli
+    from resume_harness import differences, final_state, train_args
 
     from dinospec.export import export_run
 
