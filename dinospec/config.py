@@ -591,3 +591,13 @@ def to_yaml(cfg: DictConfig) -> str:
 
 def as_container(cfg: DictConfig | ListConfig) -> Any:
     return OmegaConf.to_container(cfg, resolve=True)
+
+
+def flat_keys(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as {"dotted.key": leaf} (lists are leaves), for comparing two configs key by key."""
+    if not isinstance(node, dict):
+        return {prefix[:-1]: node}
+    out: dict[str, Any] = {}
+    for k, v in node.items():
+        out.update(flat_keys(v, f"{prefix}{k}."))
+    return out

@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from dinospec.config import ConfigError
+from dinospec.config import ConfigError, flat_keys
 
 log = logging.getLogger("dinospec")
 
@@ -26,19 +26,10 @@ PHASE_FREE_STUDENT_KEYS = ("drop_path_rate", "drop_path_mode", "attn_backend", "
 MODEL_PREFIXES = ("student.", "spec.", "dino.head_", "ibot.head_", "ibot.separate_head")
 
 
-def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(node, dict):
-        return {prefix[:-1]: node}
-    out: dict[str, Any] = {}
-    for k, v in node.items():
-        out.update(_flat(v, f"{prefix}{k}."))
-    return out
-
-
 def check_same_model(source_yaml: str, cfg: DictConfig, source: str) -> None:
     """ConfigError naming the keys when the source run's model (architecture, spec, heads) differs from cfg's."""
-    old = _flat(OmegaConf.to_container(OmegaConf.create(source_yaml)))
-    new = _flat(OmegaConf.to_container(cfg))
+    old = flat_keys(OmegaConf.to_container(OmegaConf.create(source_yaml)))
+    new = flat_keys(OmegaConf.to_container(cfg))
     free = tuple(f"student.{k}" for k in PHASE_FREE_STUDENT_KEYS)
     bad = sorted(k for k in set(old) | set(new) if k.startswith(MODEL_PREFIXES) and not k.startswith(free)
                  and old.get(k) != new.get(k))

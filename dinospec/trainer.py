@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from dinospec import dist
 from dinospec.checkpoint import Checkpointer
-from dinospec.config import ConfigError, to_yaml
+from dinospec.config import ConfigError, flat_keys, to_yaml
 from dinospec.data.loader import build_ssl_loader
 from dinospec.metrics import MetricsLogger, plot_losses
 from dinospec.rng import capture_rng, restore_rng, seed_all
@@ -155,7 +155,7 @@ def total_steps(cfg: DictConfig) -> int:
 def check_compatible(saved_yaml: str, cfg: DictConfig) -> list[str]:
     """Raise ConfigError when the saved run's model differs; return the compatible keys that changed."""
     saved = OmegaConf.create(saved_yaml)
-    old, new = _flatten(OmegaConf.to_container(saved)), _flatten(OmegaConf.to_container(cfg))
+    old, new = flat_keys(OmegaConf.to_container(saved)), flat_keys(OmegaConf.to_container(cfg))
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     bad = [k for k in changed if k.startswith(INCOMPATIBLE_KEYS)]
     if bad:
@@ -163,15 +163,6 @@ def check_compatible(saved_yaml: str, cfg: DictConfig) -> list[str]:
         raise ConfigError(f"the checkpoint was written by an incompatible config ({detail}); "
                           f"use another train.output_dir or --no-resume with a new directory")
     return changed
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix[:-1]: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}."))
-    return out
 
 
 def _num_threads(cfg: DictConfig) -> int:
