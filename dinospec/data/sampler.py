@@ -64,9 +64,3 @@ class ShardedStreamSampler:
             batch = self.ids(start, self.batch_size)
             self.position += self.global_batch_size
             yield batch
-
-    def state_dict(self) -> dict[str, int]:
-        return {"position": self.position}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.position = int(state["position"])
