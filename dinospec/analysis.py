@@ -34,8 +34,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dinospec.eval.features import (IMAGENET_MEAN, IMAGENET_STD, ImageList, list_images, load_eval_backbone,
-                                    resolve_device)
+from dinospec.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from dinospec.eval.features import ImageList, list_images, load_eval_backbone, resolve_device
 from dinospec.analysis_plots import plot_channels, plot_cosine, plot_gains, plot_high_norm, plot_pca
 from dinospec.models.routed import TokenRouted
 
