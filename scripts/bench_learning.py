@@ -271,21 +271,26 @@ def main() -> None:
     print(f"data ready in {time.perf_counter() - t0:.0f} s: {folders}", flush=True)
     recipe = load_config([RECIPE])
     steps = args.steps or recipe.optim.epochs * recipe.train.official_epoch_length  # shorter: schedules keep length
-    results = []
-    for spec in args.specs:
-        for seed in args.seeds:
+    results: list[dict] = []
+    for seed in args.seeds:  # seeds outside: an interrupted A/B has every spec at the seeds it finished
+        for spec in args.specs:
             out = args.out / f"{spec}_seed{seed}"
             results.append(pretrain_and_probe(folders, out, spec, seed, steps, args.overrides))
+            report(args, results, folders, t0)  # after every run: an interrupted A/B keeps what it measured
+    print(markdown(report(args, results, folders, t0)))
+
+
+def report(args: argparse.Namespace, results: list[dict], folders: dict[str, Path], t0: float) -> dict:
+    """results.json, learning.png and results.md under args.out, for the runs so far."""
     floors = raw_pixel_floors(folders, args.work / f"floors_{args.probe_train}.json")
-    print(f"raw pixels: {floors}", flush=True)
-    report = {"command": "python scripts/bench_learning.py " + " ".join(sys.argv[1:]),
+    result = {"command": "python scripts/bench_learning.py " + " ".join(sys.argv[1:]),
               "total_minutes": round((time.perf_counter() - t0) / 60, 1), "probe_train": args.probe_train,
               "floors": floors, "runs": results, "summary": summarise(results)}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
+    (args.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
     plot(results, floors, args.out / "learning.png")
-    (args.out / "results.md").write_text(markdown(report))
-    print(markdown(report))
+    (args.out / "results.md").write_text(markdown(result))
+    return result
 
 
 if __name__ == "__main__":
