@@ -15,14 +15,11 @@ show that state at a glance, from the teacher's own tensors of the step (no extr
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-log = logging.getLogger("dinospec")
 
 
 def mean_pairwise_cosine(x: Tensor) -> Tensor:
