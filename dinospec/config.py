@@ -161,6 +161,8 @@ class CropsConfig:
     local_crops_size: int = 98
     blur_probabilities: str = "intended"
     """intended (global-1 1.0, global-2 0.1, local 0.5) | upstream (DINOv2/v3 code as shipped: global ones swapped)."""
+    blur_sigma: List[float] = field(default_factory=lambda: [0.1, 2.0])
+    """Gaussian blur sigma range in pixels of the crop (DINOv2's, for 224/98 px crops); small images want less."""
 
 
 @dataclass
@@ -549,6 +551,9 @@ def validate(cfg: DictConfig) -> None:
         lo, hi = cfg.crops[name]
         if not 0 < lo <= hi <= 1:
             raise ConfigError(f"config key 'crops.{name}' = {[lo, hi]} must satisfy 0 < min <= max <= 1")
+    lo, hi = cfg.crops.blur_sigma
+    if not 0 < lo <= hi:
+        raise ConfigError(f"config key 'crops.blur_sigma' = {[lo, hi]} must satisfy 0 < min <= max")
     lo, hi = cfg.ibot.mask_ratio_min_max
     if not 0 <= lo <= hi < 1:
         raise ConfigError(f"config key 'ibot.mask_ratio_min_max' = {[lo, hi]} must satisfy 0 <= min <= max < 1")

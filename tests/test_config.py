@@ -167,6 +167,7 @@ def test_bad_choice_suggests(override, key, suggestion):
     ("crops.global_crops_scale=[0.5,0.2]", "crops.global_crops_scale"),
     ("crops.local_crops_scale=[0.0,0.3]", "crops.local_crops_scale"),
     ("ibot.mask_ratio_min_max=[0.1,1.0]", "ibot.mask_ratio_min_max"),
+    ("crops.blur_sigma=[2.0,0.5]", "crops.blur_sigma"),
     ("crops.global_crops_size=225", r"crops\.global_crops_size.*multiple"),
     ("evaluation.knn_period_steps=-1", r"evaluation\.knn_period_steps.*>= 0"),
     ("evaluation.knn_period_steps=100", r"evaluation\.knn_train.*evaluation\.knn_val"),

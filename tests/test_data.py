@@ -299,6 +299,21 @@ def test_blur_probability_tables():
         MultiCropAugmentation(blur_probabilities="sometimes")
 
 
+def test_blur_sigma_range_sets_the_blur_of_the_always_blurred_view():
+    """crops.blur_sigma reaches the blur: the same random stream gives the same crops, and global-1 (blurred with
+    p 1 in the intended table) keeps more fine detail with a small sigma range than with a large one."""
+    image = Image.open(_photos(1)[0]).convert("RGB")
+
+    def detail(blur_sigma):
+        aug = MultiCropAugmentation(64, (0.32, 1.0), 0, 32, (0.05, 0.32), blur_sigma=blur_sigma)
+        view = aug(image, random.Random(3))[0][0]
+        return (view[..., 1:] - view[..., :-1]).abs().mean().item()  # horizontal gradient energy
+
+    assert detail((0.1, 0.2)) > 1.5 * detail((3.0, 4.0))
+    with pytest.raises(ValueError, match="blur_sigma"):
+        MultiCropAugmentation(blur_sigma=(2.0, 1.0))
+
+
 def test_multicrop_shapes_dtypes_and_normalisation():
     image = Image.open(_photos(1)[0]).convert("RGB")
     aug = MultiCropAugmentation(64, (0.32, 1.0), 3, 32, (0.05, 0.32))

@@ -2,7 +2,7 @@
 
 Per view, in DINOv2's order: random resized crop (bicubic, antialiased) and horizontal flip 0.5; colour jitter
 (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1, in a random order) with p 0.8; grayscale p 0.2; Gaussian
-blur (9 taps, sigma in [0.1, 2]); solarize p 0.2 on the second global view; ImageNet normalisation.
+blur (9 taps, sigma in [0.1, 2] px, `crops.blur_sigma`); solarize p 0.2 on the second global view; ImageNet normalisation.
 
 Blur probabilities (global-1, global-2, local):
 - "intended" (default): 1.0, 0.1, 0.5, as the DINOv2 paper and config comments describe;
@@ -164,7 +164,8 @@ class MultiCropAugmentation:
 
     def __init__(self, global_crops_size: int = 224, global_crops_scale: Sequence[float] = (0.32, 1.0),
                  local_crops_number: int = 8, local_crops_size: int = 96,
-                 local_crops_scale: Sequence[float] = (0.05, 0.32), blur_probabilities: str = "intended"):
+                 local_crops_scale: Sequence[float] = (0.05, 0.32), blur_probabilities: str = "intended",
+                 blur_sigma: Sequence[float] = BLUR_SIGMA):
         if blur_probabilities not in BLUR_PROBABILITIES:
             raise ValueError(f"blur_probabilities={blur_probabilities!r}: expected one of "
                              f"{sorted(BLUR_PROBABILITIES)}")
@@ -174,6 +175,9 @@ class MultiCropAugmentation:
         self.local_crops_size = local_crops_size
         self.local_crops_scale = tuple(local_crops_scale)
         self.blur_probabilities = BLUR_PROBABILITIES[blur_probabilities]
+        if len(blur_sigma) != 2 or not 0 < blur_sigma[0] <= blur_sigma[1]:
+            raise ValueError(f"blur_sigma={list(blur_sigma)}: expected [low, high] with 0 < low <= high")
+        self.blur_sigma = (float(blur_sigma[0]), float(blur_sigma[1]))
         std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
         self._norm_scale = 1.0 / std
         self._norm_shift = -torch.tensor(IMAGENET_MEAN).view(3, 1, 1) / std
@@ -182,7 +186,8 @@ class MultiCropAugmentation:
     def from_config(cls, crops) -> MultiCropAugmentation:
         """From the run config's `crops` section."""
         return cls(crops.global_crops_size, list(crops.global_crops_scale), crops.local_crops_number,
-                   crops.local_crops_size, list(crops.local_crops_scale), crops.blur_probabilities)
+                   crops.local_crops_size, list(crops.local_crops_scale), crops.blur_probabilities,
+                   list(crops.blur_sigma))
 
     def __call__(self, image: Image.Image, rng: random.Random) -> tuple[Tensor, Tensor]:
         with one_torch_thread():
@@ -213,7 +218,7 @@ class MultiCropAugmentation:
         if rng.random() < GRAYSCALE_P:
             x = grayscale(x)  # (1, size, size) until normalisation
         if rng.random() < blur_p:
-            x = gaussian_blur(x, rng.uniform(*BLUR_SIGMA))
+            x = gaussian_blur(x, rng.uniform(*self.blur_sigma))
         if solarize_p and rng.random() < solarize_p:
             x = solarize(x)
         return torch.addcmul(self._norm_shift, x, self._norm_scale)  # (3, size, size), grey broadcast to 3
