@@ -81,7 +81,7 @@ def test_index_is_built_once_atomically_and_reads_what_the_tar_holds(tmp_path: P
     index = ShardIndex.load(root)
     assert index.num_samples == 15 and index.labelled and index.num_classes == 5
     assert list(index.counts) == [5, 0, 7, 3] and list(index.starts) == [0, 5, 5, 12, 15]
-    assert sorted(p.name for p in root.iterdir()) == [INDEX_DIRNAME, f"{INDEX_DIRNAME}.lock"] + \
+    assert sorted(p.name for p in root.iterdir()) == [INDEX_DIRNAME] + \
         [f"shard-{s:06d}.tar" for s in range(4)]  # no temporary directory left behind
     stamp = (root / INDEX_DIRNAME / "samples.bin").stat().st_mtime_ns
     assert build_index(root).num_samples == 15  # an existing index is loaded, not rebuilt
@@ -134,7 +134,7 @@ def test_concurrent_first_use_builds_one_index(tmp_path: Path):
                               cwd=REPO) for _ in range(3)]
     assert [p.communicate(timeout=120)[0].strip() for p in procs] == ["12"] * 3
     assert sorted(p.name for p in root.iterdir() if p.name.startswith(INDEX_DIRNAME)) \
-        == [INDEX_DIRNAME, f"{INDEX_DIRNAME}.lock"]  # one index, no temporary copies left
+        == [INDEX_DIRNAME]  # one index, no temporary copies or lock file left
     ds = build_dataset(str(root))
     assert not ds.index.labelled and ds.label(3) == -1 and ds.classes == []
 

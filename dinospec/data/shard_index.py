@@ -221,7 +221,7 @@ def build_index(root: str | Path, workers: int = 1, force: bool = False) -> Shar
     """Index every `*.tar` directly in `root` and publish it atomically in `root/.dinospec-index`.
 
     Several processes may call this at once (every rank at first use): one builds under a lock file, the others
-    wait and load its result. `workers` > 1 scans shards in that many processes.
+    wait and load its result; the lock file goes once the index is published. `workers` > 1 scans shards in that many processes.
     """
     root = Path(root)
     final = root / INDEX_DIRNAME
@@ -237,6 +237,7 @@ def build_index(root: str | Path, workers: int = 1, force: bool = False) -> Shar
         except OSError:  # a file system without locks: builders race, the atomic rename keeps one whole index
             pass
         if ShardIndex.exists(root) and not force:
+            lock_path.unlink(missing_ok=True)
             return ShardIndex.load(root)
         names = sorted(e.name for e in os.scandir(root) if e.name.endswith(".tar") and e.is_file())
         compressed = [e.name for e in os.scandir(root) if e.name.endswith(COMPRESSED_SUFFIXES)]
@@ -280,6 +281,8 @@ def build_index(root: str | Path, workers: int = 1, force: bool = False) -> Shar
             shutil.rmtree(tmp, ignore_errors=True)
         log.info("indexed %d samples in %d shards of %s in %.1f s", counts.sum(), len(names), root,
                  time.perf_counter() - start)
+        # the index is published, so whoever waits on this lock, or makes a new one, loads it: no stale lock file
+        lock_path.unlink(missing_ok=True)
         return ShardIndex.load(root)
 
 
