@@ -75,6 +75,9 @@ def check_run_paths(cfg: DictConfig, resume: str | None = None) -> None:
     weights = cfg.student.pretrained_weights
     if weights and not Path(weights).exists():
         raise ConfigError(f"config key 'student.pretrained_weights' = {weights!r} does not exist")
+    init_from = cfg.train.init_from
+    if init_from and not Path(init_from).exists():  # a later phase submitted before its source run has finished
+        raise ConfigError(f"config key 'train.init_from' = {init_from!r} does not exist")
     if resume not in (None, "auto", "never") and not Path(resume).exists():
         raise ConfigError(f"--resume {resume!r} does not exist")
     check_writable_dir(cfg.train.output_dir, "config key 'train.output_dir' =")

@@ -56,6 +56,7 @@ REFUSALS = [  # (command, override, what the one line says)
     ("submit", "data.sources=[{path: /no/such/shards}]", "'data.sources[0].path' = '/no/such/shards' does not"),
     ("train", "data.path={tmp}/empty", "holds no files"),
     ("train", "student.pretrained_weights=/no/such.pth", "student.pretrained_weights"),
+    ("submit", "train.init_from=/no/such/run", "train.init_from"),
     ("train", "train.output_dir={tmp}/file/run", "cannot be created"),
 ]
 
