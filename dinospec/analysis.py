@@ -37,32 +37,32 @@ from tqdm import tqdm
 from dinospec.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from dinospec.eval.features import ImageList, list_images, load_eval_backbone, resolve_device
 from dinospec.analysis_plots import plot_channels, plot_cosine, plot_gains, plot_high_norm, plot_pca
-from dinospec.models.routed import TokenRouted
+from dinospec.models.routed import TokenLayout, TokenRouted
 
 DEFAULT_IMAGES = Path(__file__).resolve().parents[1] / "data" / "eval" / "photos"
 PLOTS = ("cosine_similarity.png", "channel_specialisation.png", "norm1_gain.png", "high_norm_tokens.png", "pca.png")
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# per-image statistics of a token sequence laid out as [cls | registers | patches]
+# per-image statistics of a token sequence laid out as the backbone's TokenLayout (num_reg registers)
 
 
 def cls_patch_cosine(x: Tensor, num_reg: int) -> Tensor:
     """(B, N, D) -> (B,): mean over patches of cos([CLS], patch)."""
-    x = F.normalize(x.double(), dim=-1)
-    return (x[:, 1 + num_reg :] @ x[:, 0].unsqueeze(-1)).squeeze(-1).mean(dim=1)
+    cls, _, patches = TokenLayout(num_reg).split(F.normalize(x.double(), dim=-1))
+    return (patches @ cls.unsqueeze(-1)).squeeze(-1).mean(dim=1)
 
 
 def patch_patch_cosine(x: Tensor, num_reg: int) -> Tensor:
     """(B, N, D) -> (B,): mean of cos(patch_i, patch_j) over i != j, via |sum_i p_i|^2 = N + sum_{i!=j} p_i.p_j."""
-    p = F.normalize(x[:, 1 + num_reg :].double(), dim=-1)
+    p = F.normalize(TokenLayout(num_reg).split(x)[2].double(), dim=-1)
     n = p.shape[1]
     return (p.sum(dim=1).pow(2).sum(dim=-1) - n) / (n * (n - 1))
 
 
 def high_norm_stats(x: Tensor, num_reg: int, k: float) -> tuple[Tensor, Tensor]:
     """(B, N, D) -> per image (max / median patch norm, count of patches with norm > k x median)."""
-    norms = x[:, 1 + num_reg :].double().norm(dim=-1)  # (B, P)
+    norms = TokenLayout(num_reg).split(x)[2].double().norm(dim=-1)  # (B, P)
     median = norms.median(dim=1).values
     return norms.max(dim=1).values / median, (norms > k * median.unsqueeze(1)).sum(dim=1).double()
 
@@ -90,10 +90,11 @@ class BlockRecorder:
             self.sums["cos_patch_patch_before"][i] += patch_patch_cosine(x, self.r).sum()
             self.sums["cos_cls_patch_after"][i] += cls_patch_cosine(y, self.r).sum()
             self.sums["cos_patch_patch_after"][i] += patch_patch_cosine(y, self.r).sum()
-            self.cls_abs[i] += y[:, 0].double().abs().sum(dim=0)
-            self.patch_abs[i] += y[:, 1 + self.r :].double().abs().mean(dim=1).sum(dim=0)
-            centre = 1 + self.r + (y.shape[1] - 1 - self.r) // 2  # the middle patch: an ordinary token
-            self.ref_abs[i] += y[:, centre].double().abs().sum(dim=0)
+            cls, _, patches = TokenLayout(self.r).split(y)
+            self.cls_abs[i] += cls.double().abs().sum(dim=0)
+            self.patch_abs[i] += patches.double().abs().mean(dim=1).sum(dim=0)
+            centre = patches[:, patches.shape[1] // 2]  # the middle patch: an ordinary token
+            self.ref_abs[i] += centre.double().abs().sum(dim=0)
 
         return hook
 

@@ -1,6 +1,6 @@
 """The one mechanism of token-type specialization: a layer with one parameter set per token group.
 
-A sequence is laid out as ``[cls | registers | patches]``. A :class:`Routing` says which contiguous token segment
+A sequence is laid out as ``[cls | registers | patches]`` (:class:`TokenLayout`, held by the backbone). A :class:`Routing` says which contiguous token segment
 belongs to which group; a :class:`TokenRouted` layer holds one copy of its layer per group and applies copy ``g``
 to the segments of group ``g`` only, so every token passes through exactly one copy and the FLOPs are those of the
 plain layer. Layers that are not specialised stay plain modules; :func:`route` calls either kind, so blocks never
@@ -27,6 +27,27 @@ from torch.autograd.function import once_differentiable
 
 
 @dataclass(frozen=True)
+class TokenLayout:
+    """Where each token type sits in a sequence ``[1 cls | num_registers | patches]``: the one place that knows it
+    (the routing, the forward paths and the analysis ask it)."""
+
+    num_registers: int
+
+    @property
+    def num_prefix(self) -> int:
+        """Tokens before the patches: [CLS] and the registers (DINOv3's storage tokens)."""
+        return 1 + self.num_registers
+
+    def lengths(self, num_patches: int) -> tuple[int, int, int]:
+        """Tokens of each type (TOKEN_TYPES order: cls, reg, patch)."""
+        return 1, self.num_registers, num_patches
+
+    def split(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, N, ...) -> [CLS] (B, ...), registers (B, R, ...), patches (B, N - 1 - R, ...): views, no copy."""
+        return x[:, 0], x[:, 1 : self.num_prefix], x[:, self.num_prefix :]
+
+
+@dataclass(frozen=True)
 class Routing:
     """Contiguous token segments ``(start, stop, group)`` covering a sequence, adjacent same-group runs merged."""
 
@@ -34,8 +55,8 @@ class Routing:
 
     @staticmethod
     def build(group_of_type: Sequence[int], num_reg: int, num_patches: int) -> "Routing":
-        """`group_of_type[i]` is the group of TOKEN_TYPES[i]; the layout is [1 cls | num_reg | num_patches]."""
-        return Routing.from_lengths(group_of_type, (1, num_reg, num_patches))
+        """`group_of_type[i]` is the group of TOKEN_TYPES[i]; the layout is TokenLayout(num_reg)'s."""
+        return Routing.from_lengths(group_of_type, TokenLayout(num_reg).lengths(num_patches))
 
     @staticmethod
     def from_lengths(group_of_type: Sequence[int], lengths: Sequence[int]) -> "Routing":

@@ -20,7 +20,7 @@ from torchvision.ops import stochastic_depth
 from dinospec.models import archs
 from dinospec.models.rope import RopePositions, RopeTables, apply_rope
 from dinospec.models.rope_config import rope_settings
-from dinospec.models.routed import Routing, make_slot, route
+from dinospec.models.routed import Routing, TokenLayout, make_slot, route
 from dinospec.models.specialize import ResolvedSpec, resolve_spec, vanilla_spec
 
 ARCHS, arch_kwargs = archs.ARCHS, archs.arch_kwargs  # torch-free (config validation); re-exported here
@@ -225,7 +225,7 @@ class VisionTransformer(nn.Module):
         self.spec = spec or vanilla_spec()
         self.img_size, self.patch_size = img_size, patch_size
         self.embed_dim = self.num_features = embed_dim
-        self.num_register_tokens = num_register_tokens
+        self.layout = TokenLayout(num_register_tokens)
         self.interpolate_offset, self.interpolate_antialias = interpolate_offset, interpolate_antialias
         grid = img_size // patch_size
 
@@ -264,12 +264,15 @@ class VisionTransformer(nn.Module):
                     nn.init.zeros_(m.bias)
 
     @property
+    def num_register_tokens(self) -> int:
+        return self.layout.num_registers
+
+    @property
     def num_prefix_tokens(self) -> int:
-        """Tokens before the patches: [CLS] and the registers (DINOv3's storage tokens)."""
-        return 1 + self.num_register_tokens
+        return self.layout.num_prefix
 
     def routing(self, num_patches: int) -> Routing:
-        return Routing.build(self.spec.group_of_type, self.num_register_tokens, num_patches)
+        return Routing.from_lengths(self.spec.group_of_type, self.layout.lengths(num_patches))
 
     def interpolate_pos_encoding(self, h: int, w: int) -> Tensor:
         """Position embedding for an h x w image: the learned grid resized bicubically (as DINOv2)."""
@@ -297,6 +300,12 @@ class VisionTransformer(nn.Module):
             x = torch.cat([x[:, :1], self.register_tokens.expand(b, -1, -1), x[:, 1:]], dim=1)
         return x
 
+    def embed(self, images: Tensor, masks: Tensor | None = None) -> tuple[Tensor, Routing, RopeTables | None]:
+        """What every forward path starts from: the tokens in `layout`, their routing and the RoPE tables."""
+        rope = self.rope_tables(images.shape[-2], images.shape[-1], images.device)  # first: training jitter draws
+        x = self.prepare_tokens(images, masks)
+        return x, self.routing(x.shape[1] - self.layout.num_prefix), rope
+
     def run_blocks(self, x: Tensor, routing: Routing, rope: RopeTables | None = None) -> Tensor:
         for block in self.blocks:
             x = block(x, routing, rope)
@@ -304,19 +313,11 @@ class VisionTransformer(nn.Module):
 
     def forward_features(self, x: Tensor, masks: Tensor | None = None) -> dict[str, Tensor | None]:
         """DINOv2's output dict: normalised cls / register / patch tokens, the pre-norm sequence and the masks."""
-        rope = self.rope_tables(x.shape[-2], x.shape[-1], x.device)
-        x = self.prepare_tokens(x, masks)
-        routing = self.routing(x.shape[1] - self.num_prefix_tokens)
+        x, routing, rope = self.embed(x, masks)
         x = self.run_blocks(x, routing, rope)
-        x_norm = route(self.norm, x, routing)
-        p = self.num_prefix_tokens
-        return {
-            "x_norm_clstoken": x_norm[:, 0],
-            "x_norm_regtokens": x_norm[:, 1:p],
-            "x_norm_patchtokens": x_norm[:, p:],
-            "x_prenorm": x,
-            "masks": masks,
-        }
+        cls, registers, patches = self.layout.split(route(self.norm, x, routing))
+        return {"x_norm_clstoken": cls, "x_norm_regtokens": registers, "x_norm_patchtokens": patches,
+                "x_prenorm": x, "masks": masks}
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_features(x)["x_norm_clstoken"]
@@ -330,25 +331,22 @@ class VisionTransformer(nn.Module):
         DINOv3) the register tokens; a bare tensor when only the patch tokens are asked for.
         """
         b, _, h, w = x.shape
-        rope = self.rope_tables(h, w, x.device)
-        x = self.prepare_tokens(x)
-        routing = self.routing(x.shape[1] - self.num_prefix_tokens)
+        x, routing, rope = self.embed(x)
         wanted = set(range(len(self.blocks) - n, len(self.blocks))) if isinstance(n, int) else set(n)
         outputs = []
         for i, block in enumerate(self.blocks):
             x = block(x, routing, rope)
             if i in wanted:
                 outputs.append(route(self.norm, x, routing) if norm else x)
-        p = self.num_prefix_tokens
-        patches = [o[:, p:] for o in outputs]
+        cls, registers, patches = zip(*map(self.layout.split, outputs)) if outputs else ((), (), ())
         if reshape:
             gh, gw = h // self.patch_size, w // self.patch_size
             patches = [t.reshape(b, gh, gw, -1).permute(0, 3, 1, 2).contiguous() for t in patches]
         parts = [patches]
         if return_class_token:
-            parts.append([o[:, 0] for o in outputs])
+            parts.append(cls)
         if return_extra_tokens:
-            parts.append([o[:, 1:p] for o in outputs])
+            parts.append(registers)
         return tuple(zip(*parts)) if len(parts) > 1 else tuple(patches)
 
 
