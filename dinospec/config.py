@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -189,6 +189,21 @@ class GramConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Distillation (DINOv3): a frozen teacher backbone teaches the `student` (and any extra students) with the
+    DINO / iBOT objectives (dinospec/ssl/distill.py). The EMA of the students is exported, as in any run."""
+
+    enabled: bool = False
+    teacher: Optional[str] = None
+    """The frozen teacher: a dinospec run or step directory (its EMA teacher with its trained heads and loss
+    centres), a dinospec export dir, or a DINOv2 / DINOv3 weights file (heads then frozen at a seeded random init)."""
+    students: List[Dict[str, Any]] = field(default_factory=list)
+    """Extra students trained in the same job beside the main one, each a mapping of `student.*` keys that differ
+    from the main student's plus an optional `spec` preset name, e.g. [{arch: vit_tiny}, {arch: vit_small,
+    spec: paper}]. The patch size must be the main student's (one mask grid, one teacher patch grid)."""
+
+
+@dataclass
 class DataSource:
     """One dataset of a mixture (data.sources)."""
 
@@ -311,6 +326,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     crops: CropsConfig = field(default_factory=CropsConfig)
     gram: GramConfig = field(default_factory=GramConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
@@ -584,10 +600,84 @@ def validate(cfg: DictConfig) -> None:
         if gram.img_size is not None and gram.img_size % cfg.student.patch_size:
             raise ConfigError(f"config key 'gram.img_size' = {gram.img_size} is not a multiple of "
                               f"student.patch_size = {cfg.student.patch_size}")
+    if cfg.distill.enabled or cfg.distill.students:
+        _check_distill(cfg)
     knn = cfg.evaluation
     if knn.knn_period_steps and not (knn.knn_train and knn.knn_val):
         raise ConfigError("config key 'evaluation.knn_period_steps' > 0 needs 'evaluation.knn_train' and "
                           "'evaluation.knn_val' (labelled image folders)")
+
+
+DISTILL_SPEC_KEY = "spec"  # the one key of a distill.students entry that is not a student.* key
+
+
+def distill_members(cfg: DictConfig) -> list[tuple[DictConfig, DictConfig]]:
+    """(student section, spec section) of every student a run trains: the main one, then distill.students in order
+    (each the main student with its overrides; its spec preset, else the main spec). ConfigError on a bad entry."""
+    members = [(cfg.student, cfg.spec)]
+    for k, entry in enumerate(cfg.distill.students, start=1):
+        where = f"distill.students[{k - 1}]"
+        if not isinstance(entry, DictConfig):
+            raise ConfigError(f"config key '{where}' must be a mapping of student.* keys (and spec), got {entry!r}")
+        overrides = OmegaConf.to_container(entry)
+        spec_name = overrides.pop(DISTILL_SPEC_KEY, None)
+        unknown = sorted(set(overrides) - set(cfg.student.keys()))
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], list(cfg.student.keys()), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"config key '{where}.{unknown[0]}' is not a student.* key (nor 'spec'){hint}")
+        student = _merge(OmegaConf.structured(StudentConfig), cfg.student, where)
+        reset = {"pretrained_weights": None}  # the main student's weights are not another size's
+        if "arch" in overrides:  # a size preset brings its own sizes, not the main student's explicit ones
+            reset.update(embed_dim=None, depth=None, num_heads=None, ffn_layer=None)
+        student = _merge(student, OmegaConf.create({**reset, **overrides}), where)
+        spec = cfg.spec
+        if spec_name is not None:
+            preset = _load_yaml(preset_path("spec", str(spec_name)))
+            spec = _merge(OmegaConf.structured(RunConfig), preset, f"{where}.spec={spec_name}").spec
+        members.append((student, spec))
+    return members
+
+
+def _check_distill(cfg: DictConfig) -> None:
+    """Distillation's checks: a teacher, well-formed extra students on one patch grid, no other teacher-side phase."""
+    from dinospec.models.archs import arch_kwargs
+    from dinospec.models.spec_ranges import SpecError, resolve_spec
+
+    d = cfg.distill
+    if not d.enabled:
+        raise ConfigError("config key 'distill.students' is set but 'distill.enabled' = false (set it true, or "
+                          "empty the list)")
+    if not d.teacher:
+        raise ConfigError("config key 'distill.enabled' = true needs 'distill.teacher': a dinospec run or export "
+                          "dir, or a DINOv2 / DINOv3 weights file")
+    for key, why in (("train.init_from", "a distillation run starts its students fresh or from "
+                                         "student.pretrained_weights"),
+                     ("gram.enabled", "Gram anchoring is not wired into distillation")):
+        if OmegaConf.select(cfg, key):
+            raise ConfigError(f"config keys 'distill.enabled' and '{key}' are exclusive ({why})")
+    for k, (student, spec) in enumerate(distill_members(cfg)[1:]):
+        where = f"distill.students[{k}]"
+        for key, choices in _CHOICES.items():
+            if key.startswith("student.") and student[key[8:]] not in choices:
+                raise ConfigError(f"config key '{where}.{key[8:]}' = {student[key[8:]]!r} is not one of "
+                                  f"{list(choices)}")
+        try:
+            resolve_spec(spec, arch_kwargs(student)["depth"])
+        except (SpecError, KeyError, ValueError) as e:
+            raise ConfigError(f"{where}: {e.args[0] if isinstance(e, KeyError) else e}") from None
+        if student.patch_size != cfg.student.patch_size:
+            raise ConfigError(f"config key '{where}.patch_size' = {student.patch_size} differs from "
+                              f"student.patch_size = {cfg.student.patch_size}: every student shares the iBOT "
+                              f"masks and the teacher's patch targets, so one patch grid")
+        if student.pos_embed == "rope":
+            from dinospec.models.rope_config import check_rope_settings, rope_settings
+
+            kw = arch_kwargs(student)
+            try:
+                check_rope_settings(kw["embed_dim"] // kw["num_heads"], **rope_settings(student))
+            except ValueError as e:
+                raise ConfigError(f"{where}: rope: {e}") from None
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -3,6 +3,7 @@ without pickle.
 
     dinospec export runs/demo --out exports/demo                      # teacher of the latest checkpoint
     dinospec export runs/demo --step 2000 --which student --out exports/demo_student
+    dinospec export runs/distill --student 1 --out exports/distill_s1  # a distillation run's first extra student
     dinospec export runs/demo --out exports/demo_timm --format timm   # vanilla spec only: timm loads it
     dinospec export dinov2_vitb14_reg4_pretrain.pth --out exports/vitb_paper spec=paper   # weights file + spec
     dinospec export dinov3_vits16.pth --out exports/v3s --img-size 224 # DINOv3 format (RoPE) too
@@ -233,27 +234,54 @@ def load_backbone(path: str | Path, **student_overrides: Any) -> VisionTransform
     return model.eval()
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None, which: str = "teacher",
-               fmt: str = "dinospec", force: bool = False) -> Path:
-    """Export one checkpoint's backbone from a run directory; returns the export directory."""
-    step_dir = resolve_step_dir(run_dir, step)
-    cfg = _step_config(step_dir)
-    state = read_backbone_state(step_dir, which)
+def backbone_from_state(state: Mapping[str, Tensor], student: Mapping[str, Any], spec: Mapping[str, Any],
+                        global_crops_size: int, where: str) -> VisionTransformer:
+    """A run's backbone rebuilt from its checkpointed state and config sections (no random init), eval mode; its
+    image size is its pos_embed grid's (RoPE: the global crop size)."""
     if "pos_embed" in state:
-        img_size = math.isqrt(state["pos_embed"].shape[1] - 1) * cfg.student.patch_size
-    elif cfg.student.pos_embed == "rope":
-        img_size = cfg.crops.global_crops_size
+        img_size = math.isqrt(state["pos_embed"].shape[1] - 1) * student["patch_size"]
+    elif student["pos_embed"] == "rope":
+        img_size = global_crops_size
     else:
-        raise ExportError(f"{step_dir}: the {which} backbone has no pos_embed")
+        raise ExportError(f"{where}: the backbone has no pos_embed")
     with torch.device("meta"):
-        model = build_backbone(cfg.student, cfg.spec, img_size=img_size)
+        model = build_backbone(student, spec, img_size=img_size)
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
-        raise ExportError(f"{step_dir}: the checkpoint does not match its config.yaml: "
+        raise ExportError(f"{where}: the checkpoint does not match its config.yaml: "
                           f"{str(e).splitlines()[0]}") from None
+    return model.eval()
+
+
+def member_sections(cfg: Any, student: int) -> tuple[Any, Any, str]:
+    """(student section, spec section, state-key prefix below `teacher.` / `student.`) of a run's student number
+    `student`: 0 the main one, k >= 1 a distillation run's distill.students[k - 1]."""
+    from dinospec.config import distill_members
+
+    members = distill_members(cfg)
+    if not 0 <= student < len(members):
+        raise ExportError(f"--student {student}: the run trains {len(members)} student(s) (0 = the main one"
+                          f"{', 1.. = distill.students' if len(members) > 1 else ''})")
+    from dinospec.ssl.distill import member_prefix
+
+    return (*members[student], member_prefix(student))
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None, which: str = "teacher",
+               fmt: str = "dinospec", force: bool = False, student: int = 0) -> Path:
+    """Export one checkpoint's backbone from a run directory (student: which student of a distillation run, 0 =
+    the main one); returns the export directory."""
+    step_dir = resolve_step_dir(run_dir, step)
+    cfg = _step_config(step_dir)
+    student_cfg, spec_cfg, prefix = member_sections(cfg, student)
+    state = read_backbone_state(step_dir, f"{which}.{prefix}".rstrip("."))
+    model = backbone_from_state(state, student_cfg, spec_cfg, cfg.crops.global_crops_size,
+                                f"{step_dir} ({which} {prefix}backbone)")
     source = {"run_dir": str(Path(run_dir).resolve()), "step": int(step_dir.name.split("_")[-1]), "which": which}
-    return save_backbone(model, out_dir, cfg.student, cfg.spec, source, fmt, force)
+    if student:
+        source["student"] = student
+    return save_backbone(model, out_dir, student_cfg, spec_cfg, source, fmt, force)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -274,6 +302,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="dinospec (any spec; dinospec.load_backbone) or timm (vanilla spec only)")
     p.add_argument("--which", choices=("teacher", "student"), default="teacher",
                    help="which backbone (DINOv2 evaluates the teacher)")
+    p.add_argument("--student", type=int, default=0,
+                   help="a distillation run's student: 0 the main one (default), k the k-th of distill.students")
     p.add_argument("--force", action="store_true", help="overwrite an existing export in --out")
 
 
@@ -285,10 +315,10 @@ def run(args: argparse.Namespace) -> int:
             if args.overrides or args.img_size:
                 raise ExportError("spec / student overrides and --img-size apply to weights: export the run first, "
                                   "then export that export dir with them")
-            out = export_run(args.run_dir, args.out, args.step, args.which, args.format, args.force)
+            out = export_run(args.run_dir, args.out, args.step, args.which, args.format, args.force, args.student)
         else:
-            if args.step is not None:
-                raise ExportError(f"--step applies to run directories; {args.run_dir} is not one")
+            if args.step is not None or args.student:
+                raise ExportError(f"--step and --student apply to run directories; {args.run_dir} is not one")
             out = export_weights(args.run_dir, args.out, args.overrides, args.format, args.force, args.img_size)
     except (ExportError, WeightsError, ConfigError) as e:
         print(f"dinospec export: {e}", file=sys.stderr)
@@ -349,6 +379,16 @@ def export_weights(path: str | Path, out_dir: str | Path, overrides: Sequence[st
                    force: bool = False, img_size: int | None = None) -> Path:
     """Export a weights file (DINOv2 / DINOv3 format) or a dinospec export dir, optionally converted to another
     spec (``spec=NAME``, ``spec.KEY=...``) or with other student settings; returns the export directory."""
+    model, cfg, family = backbone_from_weights(path, overrides, img_size)
+    source = {"weights": str(Path(path).resolve()), "family": family}
+    return save_backbone(model, out_dir, cfg.student, cfg.spec, source, fmt, force)
+
+
+def backbone_from_weights(path: str | Path, overrides: Sequence[str] = (),
+                          img_size: int | None = None) -> tuple[VisionTransformer, Any, str]:
+    """The backbone of a weights file (DINOv2 / DINOv3 format) or a dinospec export dir, in eval mode; the config
+    whose `student` / `spec` sections rebuild it (converted by ``spec=NAME`` / ``student.KEY=...``); the
+    weights' family (dinospec, dinov2, dinov2_reg, dinov3)."""
     from dinospec.config import ConfigError, load_config
 
     weights = load_weights(path)
@@ -366,5 +406,4 @@ def export_weights(path: str | Path, out_dir: str | Path, overrides: Sequence[st
         model = build_backbone(cfg.student, cfg.spec, img_size=size)
     model = model.to_empty(device="cpu")  # every tensor comes from the weights (strict load)
     load_into(model, weights)
-    source = {"weights": str(Path(path).resolve()), "family": weights.family}
-    return save_backbone(model.eval(), out_dir, cfg.student, cfg.spec, source, fmt, force)
+    return model.eval(), cfg, weights.family

@@ -50,7 +50,8 @@ log = logging.getLogger("dinospec")
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 # keys whose change makes a checkpoint unusable (the model or its heads would not match)
-INCOMPATIBLE_KEYS = ("student", "spec", "dino.head_", "ibot.head_", "ibot.separate_head", "crops.global_crops_size")
+INCOMPATIBLE_KEYS = ("student", "spec", "dino.head_", "ibot.head_", "ibot.separate_head", "crops.global_crops_size",
+                     "distill.enabled", "distill.students")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -65,16 +66,26 @@ class TrainOutcome:
 
 
 class ModelState(Stateful):
-    """Student, teacher and loss centres as DCP state: full FQNs, sharded or not."""
+    """Student, teacher and loss centres as DCP state: full FQNs, sharded or not. Keys under the model's
+    `unsaved_prefixes` (a distillation teacher, read again from its source) are left out, and only they may be
+    missing when loading."""
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
+        self.unsaved = tuple(getattr(model, "unsaved_prefixes", ()))
 
     def state_dict(self) -> dict[str, Any]:
-        return get_model_state_dict(self.model)
+        state = get_model_state_dict(self.model)
+        return {k: v for k, v in state.items() if not k.startswith(self.unsaved)} if self.unsaved else state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        set_model_state_dict(self.model, state_dict, options=StateDictOptions(strict=True))
+        if not self.unsaved:
+            set_model_state_dict(self.model, state_dict, options=StateDictOptions(strict=True))
+            return
+        result = set_model_state_dict(self.model, state_dict, options=StateDictOptions(strict=False))
+        wrong = [k for k in result.missing_keys if not k.startswith(self.unsaved)] + list(result.unexpected_keys)
+        if wrong:
+            raise RuntimeError(f"checkpoint and model differ in {len(wrong)} key(s), e.g. {sorted(wrong)[:4]}")
 
 
 class OptimState(Stateful):
@@ -156,6 +167,7 @@ def check_compatible(saved_yaml: str, cfg: DictConfig) -> list[str]:
     """Raise ConfigError when the saved run's model differs; return the compatible keys that changed."""
     saved = OmegaConf.create(saved_yaml)
     old, new = flat_keys(OmegaConf.to_container(saved)), flat_keys(OmegaConf.to_container(cfg))
+    old = {"distill.enabled": False, "distill.students": [], **old}  # runs saved before distillation existed
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     bad = [k for k in changed if k.startswith(INCOMPATIBLE_KEYS)]
     if bad:
@@ -181,16 +193,27 @@ def _precision(cfg: DictConfig, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if p == "bf16" else None
 
 
+def _blocks(part: torch.nn.Module) -> list[torch.nn.Module]:
+    """The backbone blocks of every student a student (or EMA teacher) module holds."""
+    return [block for member in part.members() for block in member.backbone.blocks]
+
+
 def _wrap(meta: SSLMetaArch, cfg: DictConfig, strategy: str, device: torch.device,
           dtype: torch.dtype | None) -> Any:
-    """Apply compile and parallelism from outside the model (torchtitan's order); return the student's forward."""
+    """Apply compile and parallelism from outside the model (torchtitan's order); return the student's forward.
+    A distillation teacher stays a plain replicated module (compiled with the rest)."""
+    frozen = getattr(meta, "distill_teacher", None)
     if cfg.compute.compile:
         for part in (meta.student, meta.teacher):
-            for block in part.backbone.blocks:
+            for block in _blocks(part):
                 block.compile()
+        for block in frozen.backbone.blocks if frozen is not None else ():
+            block.compile()
     if strategy == "fsdp":
         for part in (meta.student, meta.teacher):
-            dist.shard_fsdp2(part, part.backbone.blocks, mixed_precision=dtype is not None)
+            dist.shard_fsdp2(part, _blocks(part), mixed_precision=dtype is not None)
+        if frozen is not None:  # FSDP2 casts the students only; autocast casts the teacher's forward alike
+            meta.autocast_dtype = dtype
         return meta.student
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
@@ -262,13 +285,9 @@ def _train(cfg: DictConfig, resume: str, env: dist.DistEnv, device: torch.device
             log.warning("resuming with changed config keys: %s", ", ".join(changed))
 
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank (the teacher is never broadcast)
-    meta = SSLMetaArch(cfg).to(device)
+    meta = _build_meta(cfg).to(device)
     seed_all(cfg.train.seed + 1 + env.rank)  # then one stream per rank (drop-path; python and numpy too)
-    if cfg.student.pretrained_weights:
-        from dinospec.weights import load_pretrained_backbone
-
-        for part in (meta.student, meta.teacher):
-            load_pretrained_backbone(part.backbone, cfg.student.pretrained_weights)
+    _load_pretrained(meta, cfg)
     if cfg.train.init_from and not resuming:  # a new phase of another run (its own checkpoints win once it has any)
         from dinospec.phase import init_from_run
 
@@ -278,7 +297,7 @@ def _train(cfg: DictConfig, resume: str, env: dist.DistEnv, device: torch.device
     dtype = _precision(cfg, device)
     strategy = dist.resolve_strategy(cfg.compute.strategy, device)
     student_forward = _wrap(meta, cfg, strategy, device, dtype)
-    optimizer = build_optimizer(meta.student, cfg)
+    optimizer = _build_optimizer(meta, cfg)
     progress = Progress(device)
     state = {"model": ModelState(meta), "optim": OptimState(meta.student, optimizer), "train": progress}
     if gram is not None:
@@ -286,6 +305,8 @@ def _train(cfg: DictConfig, resume: str, env: dist.DistEnv, device: torch.device
     if resume != "never":  # a checkpoint from before Gram anchoring was on has no Gram teacher: it is taken anew
         loadable = state if saved_gram else {k: v for k, v in state.items() if k != "gram"}
         checkpointer.load(loadable, path=None if resume == "auto" else resume)
+    if hasattr(meta, "check_teacher_unchanged"):
+        meta.check_teacher_unchanged()
     start = progress.step
     steps = total_steps(cfg)
     global_batch = cfg.train.batch_size_per_gpu * env.world_size
@@ -381,15 +402,53 @@ def _train(cfg: DictConfig, resume: str, env: dist.DistEnv, device: torch.device
     return TrainOutcome(status, progress.step, run_dir)
 
 
+def _build_meta(cfg: DictConfig) -> SSLMetaArch:
+    """The run's model: SSLMetaArch, or with distill.enabled the students of a frozen teacher."""
+    if cfg.distill.enabled:
+        from dinospec.ssl.distill import DistillMetaArch
+
+        meta = DistillMetaArch(cfg)
+        log.info("distillation teacher: %s", meta.teacher_source)
+        return meta
+    return SSLMetaArch(cfg)
+
+
+def _load_pretrained(meta: SSLMetaArch, cfg: DictConfig) -> None:
+    """student.pretrained_weights (and a distillation student's own) into the student and EMA teacher backbones."""
+    from dinospec.config import distill_members
+
+    for k, (student, _) in enumerate(distill_members(cfg)):
+        if student.pretrained_weights:
+            from dinospec.weights import load_pretrained_backbone
+
+            for part in (meta.student, meta.teacher):
+                load_pretrained_backbone(part.members()[k].backbone, student.pretrained_weights)
+
+
+def _build_optimizer(meta: SSLMetaArch, cfg: DictConfig) -> torch.optim.Optimizer:
+    """AdamW over the student's parameters; each further student of a distillation run adds its groups with its own
+    depth's layer-wise lr decay."""
+    from dinospec.config import distill_members
+    from dinospec.models.vit import arch_kwargs
+    from dinospec.ssl.optim import param_groups
+
+    members = meta.student.members()
+    optimizer = build_optimizer(members[0], cfg)
+    o = cfg.optim
+    for member, (student, _) in zip(members[1:], distill_members(cfg)[1:]):
+        for group in param_groups(member, o.layerwise_decay, o.patch_embed_lr_mult, arch_kwargs(student)["depth"]):
+            optimizer.add_param_group(group)
+    return optimizer
+
+
 def _clip(meta: SSLMetaArch, max_norm: float) -> float:
-    """Clip each part of the student on its own (backbone, heads), as DINOv2; return the largest norm."""
+    """Clip each part of every student on its own (backbone, heads), as DINOv2; return the largest norm."""
     norms = []
-    for part in (meta.student.backbone, meta.student.dino_head, meta.student.ibot_head):
-        if part is not None:
-            params = [p for p in part.parameters() if p.grad is not None]
-            if params:
-                norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
-                norms.append(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
+    for part in meta.student.clip_parts():
+        params = [p for p in part.parameters() if p.grad is not None]
+        if params:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+            norms.append(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
     return max(norms, default=0.0)
 
 

@@ -57,24 +57,43 @@ class Student(nn.Module):
         return {"cls": cls_g, "dino_global": dino_g, "dino_local": dino_l if n_l else None, "ibot": ibot,
                 "patch": g["x_norm_patchtokens"]}  # (2B, N, D): the Gram loss's student features
 
+    def clip_parts(self) -> list[nn.Module]:
+        """The parts whose gradients are clipped each on its own (backbone, heads), as DINOv2."""
+        return [m for m in (self.backbone, self.dino_head, self.ibot_head) if m is not None]
 
-def build_teacher_backbone(cfg: Any) -> nn.Module:
-    """The teacher's backbone: the student's architecture at the global crop size, never dropping paths."""
-    return build_backbone({**cfg.student, "drop_path_rate": 0.0}, cfg.spec, img_size=cfg.crops.global_crops_size)
+    def members(self) -> list["Student"]:
+        """The students this module trains (one here; several in a distillation run)."""
+        return [self]
+
+
+def build_teacher_backbone(cfg: Any, student: Any = None, spec: Any = None) -> nn.Module:
+    """The teacher's backbone: the student's architecture at the global crop size, never dropping paths
+    (student / spec: another student's sections than the run's main `student` / `spec`)."""
+    student = cfg.student if student is None else student
+    return build_backbone({**student, "drop_path_rate": 0.0}, cfg.spec if spec is None else spec,
+                          img_size=cfg.crops.global_crops_size)
+
+
+def build_student_pair(cfg: Any, student: Any = None, spec: Any = None) -> tuple[Student, Student]:
+    """A student (backbone + heads) and its EMA teacher's module, randomly initialised (the teacher's weights are
+    then copied from the student); student / spec: as build_teacher_backbone."""
+    student_backbone = build_backbone(cfg.student if student is None else student,
+                                      cfg.spec if spec is None else spec, img_size=cfg.crops.global_crops_size)
+    teacher_backbone = build_teacher_backbone(cfg, student, spec)
+    dim = student_backbone.embed_dim
+    return Student(student_backbone, _heads(cfg, dim)), Student(teacher_backbone, _heads(cfg, dim))
 
 
 class SSLMetaArch(nn.Module):
     """Holds student, teacher and the loss modules (whose centres are buffers, so they are checkpointed)."""
 
+    unsaved_prefixes: tuple[str, ...] = ()
+    """State keys a checkpoint leaves out (they are rebuilt from elsewhere when the run resumes)."""
+
     def __init__(self, cfg: Any):
         super().__init__()
         self.cfg = cfg
-        img = cfg.crops.global_crops_size
-        student_backbone = build_backbone(cfg.student, cfg.spec, img_size=img)
-        teacher_backbone = build_teacher_backbone(cfg)
-        dim = student_backbone.embed_dim
-        self.student = Student(student_backbone, _heads(cfg, dim))
-        self.teacher = Student(teacher_backbone, _heads(cfg, dim))
+        self.student, self.teacher = self.build_students(cfg)
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
         t = cfg.teacher
@@ -85,25 +104,36 @@ class SSLMetaArch(nn.Module):
                                        center_momentum=t.center_momentum)
         self.koleo_loss = KoLeoLoss(scope=cfg.dino.koleo_scope)
 
+    @staticmethod
+    def build_students(cfg: Any) -> tuple[Student, Student]:
+        """The trainable student module and its EMA teacher's (whose weights are overwritten by the student's)."""
+        return build_student_pair(cfg)
+
     @torch.no_grad()
     def teacher_targets(self, global_crops: Tensor, masks: Tensor,
                         temp: float) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """Teacher probabilities for the DINO ([CLS]) and iBOT (masked patches) losses, and the teacher's outputs."""
         # through the module's own forward, so FSDP2 gathers the teacher's parameters as it does the student's
         out = self.teacher(global_crops, None, masks, mask_inputs=False)
+        return (*self.targets_from_logits(out, temp), out)
+
+    @torch.no_grad()
+    def targets_from_logits(self, out: dict[str, Tensor], temp: float) -> tuple[Tensor, Tensor]:
+        """DINO and iBOT target probabilities from a teacher's outputs, centred as teacher.centering says (a
+        softmax centre is updated here, after use)."""
         cls_logits, patch_logits = out["dino_global"], out["ibot"]
         if self.cfg.teacher.centering == "sinkhorn_knopp":
             n_iter = self.cfg.teacher.sinkhorn_iterations
             return (self.dino_loss.sinkhorn_knopp_teacher(cls_logits, temp, n_iter),
-                    self.ibot_loss.sinkhorn_knopp_teacher(patch_logits, temp, n_iter), out)
+                    self.ibot_loss.sinkhorn_knopp_teacher(patch_logits, temp, n_iter))
         dino_probs = self.dino_loss.softmax_center_teacher(cls_logits, temp)
         ibot_probs = self.ibot_loss.softmax_center_teacher(patch_logits, temp)
         self.dino_loss.update_center(cls_logits)
         self.ibot_loss.update_center(patch_logits)
-        return dino_probs, ibot_probs, out
+        return dino_probs, ibot_probs
 
     def losses(self, batch: dict[str, Any], teacher_temp: float,
-               student_forward: Callable[..., dict[str, Tensor]] | None = None,
+               student_forward: Callable[..., Any] | None = None,
                gram: GramAnchor | None = None) -> dict[str, Tensor]:
         """All loss terms, their weighted total and the learning diagnostics (dinospec.ssl.diagnostics) for one
         batch (student_forward: the DDP-wrapped student; gram: the run's Gram anchor, whose term counts once its
@@ -111,7 +141,22 @@ class SSLMetaArch(nn.Module):
         cfg = self.cfg
         masks = batch["masks"]
         dino_t, ibot_t, teacher_out = self.teacher_targets(batch["global_crops"], masks, teacher_temp)
-        out = (student_forward or self.student)(batch["global_crops"], batch.get("local_crops"), masks)
+        outs = (student_forward or self.student)(batch["global_crops"], batch.get("local_crops"), masks)
+        outs = outs if isinstance(outs, list) else [outs]  # a distillation run's module holds several students
+        total, terms = None, {}
+        for k, out in enumerate(outs):  # the main student's terms unsuffixed, student k's with _s<k>
+            part, named = self.student_terms(out, dino_t, ibot_t, masks, suffix=f"_s{k}" if k else "")
+            total, terms = part if total is None else total + part, {**terms, **named}
+        if gram is not None and gram.active:
+            terms["gram_loss"] = gram.loss(outs[0]["patch"], batch["global_crops"], masks)
+            total = total + cfg.gram.loss_weight * terms["gram_loss"]
+        diagnostics = dino_diagnostics(teacher_out["cls"], teacher_out["dino_global"], dino_t)
+        return {"loss": total, **terms, **diagnostics}
+
+    def student_terms(self, out: dict[str, Tensor], dino_t: Tensor, ibot_t: Tensor, masks: Tensor,
+                      suffix: str = "") -> tuple[Tensor, dict[str, Tensor]]:
+        """One student's weighted DINO + iBOT + KoLeo total and its terms (named with `suffix`) against targets."""
+        cfg = self.cfg
         terms = {"dino_loss": self.dino_loss(out["dino_global"], out["dino_local"], dino_t)}
         if cfg.ibot.loss_weight > 0:
             terms["ibot_loss"] = self.ibot_loss(out["ibot"], ibot_t, masks)
@@ -120,11 +165,7 @@ class SSLMetaArch(nn.Module):
         total = cfg.dino.loss_weight * terms["dino_loss"]
         total = total + cfg.ibot.loss_weight * terms.get("ibot_loss", 0.0)
         total = total + cfg.dino.koleo_loss_weight * terms.get("koleo_loss", 0.0)
-        if gram is not None and gram.active:
-            terms["gram_loss"] = gram.loss(out["patch"], batch["global_crops"], masks)
-            total = total + cfg.gram.loss_weight * terms["gram_loss"]
-        diagnostics = dino_diagnostics(teacher_out["cls"], teacher_out["dino_global"], dino_t)
-        return {"loss": total, **terms, **diagnostics}
+        return total, {k + suffix: v for k, v in terms.items()}
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
