@@ -1,0 +1,114 @@
+"""Distillation's cost: one full training step of a student distilled from a frozen teacher, against one normal SSL
+step of the same student (its own EMA teacher giving the targets), on CPU fp32, same batch, in the same run.
+
+A step is the trainer's loop body (dinospec/trainer.py): `losses` (teacher targets, student forward), backward,
+per-part clipping, AdamW step, EMA update. Configs: `ssl` (SSLMetaArch of the recipe's student), `distill`
+(DistillMetaArch: the same student, a frozen ViT-B/16 teacher by default) and `distill_2` (a second student, the
+same size with the `paper` spec, beside it). The teacher is a randomly initialised backbone written as a dinospec
+export into a temporary directory and read back as a run reads `distill.teacher` (timing does not depend on its
+weights). Inputs: synthetic pixels of the loader's shapes with real iBOT block masks (scripts/bench_train_step.py's),
+data loading excluded. Configs are stepped in rotating order after one warm-up step each; per config the median of
+process CPU time and of wall time per step, and ratios against `ssl`. Use --threads 1 on a shared machine.
+
+    .venv/bin/python scripts/bench_distill.py --batch 2 --reps 3 --threads 1 --json bench_distill.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_train_step import synthetic_batch  # noqa: E402
+
+from dinospec.config import CONFIG_DIR, load_config  # noqa: E402
+from dinospec.export import save_backbone  # noqa: E402
+from dinospec.models.vit import build_backbone  # noqa: E402
+from dinospec.ssl.distill import DistillMetaArch  # noqa: E402
+from dinospec.ssl.meta_arch import SSLMetaArch  # noqa: E402
+from dinospec.ssl.optim import apply_schedules  # noqa: E402
+from dinospec.ssl.schedules import build_schedules  # noqa: E402
+from dinospec.trainer import _build_optimizer, _clip  # noqa: E402
+
+CONFIGS = ("ssl", "distill", "distill_2")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--recipe", default=str(CONFIG_DIR / "recipe" / "dinov3_vits16.yaml"))
+    p.add_argument("--teacher-arch", default="vit_base")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--local-crops", type=int, default=8)
+    p.add_argument("--prototypes", type=int, default=65536)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    common = [f"train.batch_size_per_gpu={args.batch}", f"crops.local_crops_number={args.local_crops}",
+              f"dino.head_n_prototypes={args.prototypes}", f"ibot.head_n_prototypes={args.prototypes}"]
+    recipes = [args.recipe, str(CONFIG_DIR / "recipe" / "dinov3_distill.yaml")]
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher_cfg = load_config([args.recipe], [f"student.arch={args.teacher_arch}"])
+        torch.manual_seed(1)
+        teacher = build_backbone(teacher_cfg.student, teacher_cfg.spec, img_size=teacher_cfg.crops.global_crops_size)
+        save_backbone(teacher.eval(), Path(tmp) / "teacher", teacher_cfg.student, teacher_cfg.spec)
+        del teacher
+        cfgs = {"ssl": load_config([args.recipe], common)}
+        distill = [*common, f"distill.teacher={Path(tmp) / 'teacher'}"]
+        cfgs["distill"] = load_config(recipes, distill)
+        cfgs["distill_2"] = load_config(recipes, [*distill, "distill.students=[{spec: paper}]"])
+        metas = {}
+        for name, cfg in cfgs.items():
+            torch.manual_seed(0)
+            metas[name] = (DistillMetaArch if cfg.distill.enabled else SSLMetaArch)(cfg)
+    optimizers = {n: _build_optimizer(m, cfgs[n]) for n, m in metas.items()}
+    cfg = cfgs["ssl"]
+    sched = build_schedules(cfg, None, args.batch)
+    now = sched.at(cfg.optim.warmup_epochs * cfg.train.official_epoch_length + 1)  # after warmup and freeze
+    batch = synthetic_batch(cfg)
+
+    def step(name: str) -> tuple[float, float]:
+        meta, optimizer = metas[name], optimizers[name]
+        w0, c0 = time.perf_counter(), time.process_time()
+        apply_schedules(optimizer, now["lr"], now["wd"], now["last_layer_lr"])
+        optimizer.zero_grad(set_to_none=True)
+        losses = meta.losses(batch, now["teacher_temp"])
+        assert ("dino_loss_s1" in losses) == (name == "distill_2")
+        losses["loss"].backward()
+        _clip(meta, cfg.optim.clip_grad)
+        optimizer.step()
+        meta.update_teacher(now["momentum"])
+        return time.perf_counter() - w0, time.process_time() - c0
+
+    for name in CONFIGS:  # warm-up
+        step(name)
+    wall: dict[str, list[float]] = {n: [] for n in CONFIGS}
+    cpu: dict[str, list[float]] = {n: [] for n in CONFIGS}
+    for rep in range(args.reps):
+        for name in CONFIGS[rep % 3:] + CONFIGS[:rep % 3]:
+            w, c = step(name)
+            wall[name].append(w)
+            cpu[name].append(c)
+    result = {"recipe": Path(args.recipe).name, "teacher_arch": args.teacher_arch, "batch": args.batch,
+              "global_size": cfg.crops.global_crops_size, "local_crops": args.local_crops,
+              "prototypes": args.prototypes, "threads": args.threads, "reps": args.reps,
+              "cpu_s": {n: statistics.median(v) for n, v in cpu.items()},
+              "wall_s": {n: statistics.median(v) for n, v in wall.items()}}
+    result["cpu_ratio"] = {n: result["cpu_s"][n] / result["cpu_s"]["ssl"] for n in CONFIGS[1:]}
+    result["wall_ratio"] = {n: result["wall_s"][n] / result["wall_s"]["ssl"] for n in CONFIGS[1:]}
+    print(json.dumps(result, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
