@@ -83,6 +83,23 @@ def test_config_refusals(tmp_path: Path) -> None:
         DistillMetaArch(load_config(overrides=_distill(tmp_path / "run", tmp_path / "nothing")))
 
 
+@pytest.mark.parametrize("spec", ["none", "paper"])
+def test_distill_recipe_validates_with_students(spec: str) -> None:
+    """configs/recipe/dinov3_distill.yaml stacked on the pretraining recipe, as the README submits it."""
+    from dinospec.config import CONFIG_DIR, distill_members
+
+    recipes = [CONFIG_DIR / "recipe" / "dinov3_vits16.yaml", CONFIG_DIR / "recipe" / "dinov3_distill.yaml"]
+    with pytest.raises(ConfigError, match="needs 'distill.teacher'"):
+        load_config(recipes, [f"spec={spec}"])
+    cfg = load_config(recipes, [f"spec={spec}", "distill.teacher=runs/v3l_highres",
+                                "distill.students=[{arch: vit_base}, {arch: vit_tiny, spec: final_norm}]"])
+    members = distill_members(cfg)
+    assert [m.arch for m, _ in members] == ["vit_small", "vit_base", "vit_tiny"]
+    assert all(m.patch_size == 16 and m.pos_embed == "rope" for m, _ in members)
+    assert members[1][1].norm1 == ("all" if spec == "paper" else "none") and members[2][1].final_norm
+    assert cfg.teacher.warmup_teacher_temp_epochs == 0
+
+
 def test_targets_frozen_teacher_and_students(teacher: Path, tmp_path: Path) -> None:
     """Two students (paper spec + vanilla): the targets equal Sinkhorn-Knopp of a direct forward of the exported
     teacher (with the seeded heads); one optimizer step moves both students and leaves the teacher as it was; the
