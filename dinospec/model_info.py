@@ -10,7 +10,6 @@ with affine), a routed Linear as its GEMMs (input elements x output features).
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections import defaultdict
 from typing import Any, Mapping
@@ -18,21 +17,11 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from dinospec.models.routed import SegmentedLinear, TokenRouted
+from dinospec.models.routed import SegmentedLinear
+from dinospec.models.specialize import param_kind, vanilla_config
 from dinospec.models.vit import PerTokenAffineLayerNorm, VisionTransformer, build_backbone
 
-KIND_PATTERNS = [  # first match wins; names are the model's parameter names with group indices removed
-    ("patch_embed", r"^patch_embed\."),
-    ("tokens", r"^(cls_token|register_tokens|pos_embed|mask_token)$"),
-    ("norm1", r"\.norm1\."),
-    ("qkv", r"\.attn\.qkv\."),
-    ("proj", r"\.attn\.proj\."),
-    ("ls1", r"\.ls1\."),
-    ("norm2", r"\.norm2\."),
-    ("mlp", r"\.mlp\."),
-    ("ls2", r"\.ls2\."),
-    ("final_norm", r"^norm\."),
-]
+_vanilla_spec = vanilla_config  # the name tests/test_model_info.py and scripts/gpu_check.py import
 
 
 def _sdpa_macs(inputs: list, outputs: list) -> int:
@@ -100,27 +89,18 @@ def count_flops_torch(model: nn.Module, img_size: int, batch: int = 1) -> int:
 
 
 def params_by_kind(model: nn.Module) -> dict[str, int]:
-    routed = [name for name, m in model.named_modules() if isinstance(m, TokenRouted)]
+    """Parameters per kind (specialize.param_kind: spec kinds, final_norm, tokens, patch_embed, other)."""
     counts: dict[str, int] = defaultdict(int)
     for name, p in model.named_parameters():
-        for slot in routed:  # blocks.0.norm1.1.weight -> blocks.0.norm1.weight
-            if name.startswith(slot + "."):
-                name = slot + "." + name[len(slot) + 1 :].split(".", 1)[1]
-                break
-        kind = next((k for k, pattern in KIND_PATTERNS if re.search(pattern, name)), "other")
-        counts[kind] += p.numel()
+        counts[param_kind(name)] += p.numel()
     return dict(counts)
-
-
-def _vanilla_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
-    return {**dict(spec), "groups": [["cls", "reg", "patch"]], "final_norm": False}
 
 
 def model_info(cfg: Any) -> dict[str, Any]:
     """Parameters and FLOPs of the backbone `cfg` describes and of the same backbone without specialization."""
     img = cfg.crops.global_crops_size
     model: VisionTransformer = build_backbone(cfg.student, cfg.spec, img_size=img)
-    vanilla: VisionTransformer = build_backbone(cfg.student, _vanilla_spec(cfg.spec), img_size=img)
+    vanilla: VisionTransformer = build_backbone(cfg.student, vanilla_config(cfg.spec), img_size=img)
     params = sum(p.numel() for p in model.parameters())
     params_vanilla = sum(p.numel() for p in vanilla.parameters())
     flops, flops_vanilla = count_flops(model, img), count_flops(vanilla, img)
@@ -133,7 +113,7 @@ def model_info(cfg: Any) -> dict[str, Any]:
         "embed_dim": model.embed_dim,
         "depth": len(model.blocks),
         "num_register_tokens": model.num_register_tokens,
-        "groups": [list(g) for g in cfg.spec.groups] if spec.num_groups > 1 else [["cls", "reg", "patch"]],
+        "groups": [list(g) for g in (cfg.spec if spec.num_groups > 1 else vanilla_config())["groups"]],
         "routed_blocks": {k: sorted(v) for k, v in spec.blocks.items() if v},
         "final_norm_routed": spec.final_norm,
         "params": params,

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from dinospec.models.rope import rope_periods
+from dinospec.models.specialize import plain_key, split_routed_key
 from dinospec.models.vit import ARCHS
 
 _VANILLA_KEY = re.compile(
@@ -25,8 +26,6 @@ _VANILLA_KEY = re.compile(
     r"|blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2|mlp\.w12|mlp\.w3)\.(weight|bias)"
     r"|blocks\.\d+\.ls[12]\.gamma)$"
 )
-# a routed slot's key: '<slot>.<group>.<rest>', e.g. blocks.0.norm1.1.weight, blocks.3.mlp.0.fc1.bias, norm.1.weight
-ROUTED_KEY = re.compile(r"^(blocks\.\d+\.(?:norm1|norm2|attn\.qkv|attn\.proj|mlp|ls1|ls2)|norm)\.(\d+)\.(.+)$")
 _CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.")  # DINOv2 block_chunks: blocks.<chunk>.<global index>.*
 
 
@@ -60,7 +59,7 @@ def canonical_keys(state: Mapping[str, Any], allow_routed: bool) -> dict[str, Te
         if not isinstance(value, Tensor):
             raise WeightsError(f"'{key}' holds a {type(value).__name__}, not a tensor: not a backbone state dict")
         out[_CHUNKED_BLOCK.sub(r"blocks.\1.", key)] = value
-    unknown = [k for k in out if not _VANILLA_KEY.match(k) and not (allow_routed and ROUTED_KEY.match(k))]
+    unknown = [k for k in out if not _VANILLA_KEY.match(k) and not (allow_routed and split_routed_key(k))]
     if unknown:
         hint = ""
         if "reg_token" in out:
@@ -188,7 +187,7 @@ def infer_student(weights: ImportedWeights) -> dict[str, Any]:
     """student.* settings that rebuild the backbone these weights belong to, read from their shapes and keys plus
     the family's settings. The head count is not in the weights: DINOv3's from its RoPE periods, else head dim 64
     (every DINOv2 / DINOv3 release); override student.num_heads otherwise."""
-    state = {_plain_name(k): v for k, v in weights.state.items()}
+    state = {plain_key(k): v for k, v in weights.state.items()}
     dim = state["cls_token"].shape[-1]
     blocks = {int(k.split(".")[1]) for k in state if k.startswith("blocks.")}
     head_dim = weights.head_dim or 64
@@ -218,18 +217,12 @@ def infer_student(weights: ImportedWeights) -> dict[str, Any]:
     return student
 
 
-def _plain_name(key: str) -> str:
-    """'blocks.0.norm1.1.weight' -> 'blocks.0.norm1.weight' (a routed copy's key without its group index)."""
-    m = ROUTED_KEY.match(key)
-    return f"{m[1]}.{m[3]}" if m else key
-
-
 def from_raw(raw: Mapping[str, Any]) -> ImportedWeights:
     """A state dict read from a file: DINOv3 or DINOv2 format (or a dinospec state dict without its config)."""
     unwrapped = _unwrap_backbone(raw)
     if is_dinov3_state_dict(unwrapped):
         return imported_dinov3(unwrapped)
     state = canonical_keys(unwrapped, allow_routed=True)
-    if any(ROUTED_KEY.match(k) for k in state):  # routed keys: dinospec's, without the export's config
+    if any(map(split_routed_key, state)):  # routed keys: dinospec's, without the export's config
         return ImportedWeights(state, None, "dinospec")
     return imported_dinov2(state)

@@ -20,10 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from dinospec.models.rope import rope_periods
-from dinospec.models.routed import TokenRouted
-from dinospec.models.specialize import resolve_groups, routed_slots
+from dinospec.models.specialize import TOKEN_PARAMS, SpecError, convert_state_dict, resolve_groups, routed_slots
 from dinospec.models.vit import SwiGLU, VisionTransformer, arch_kwargs, interpolate_pos_embed
-from dinospec.weight_formats import ROUTED_KEY, ImportedWeights, WeightsError, canonical_keys, from_raw
+from dinospec.weight_formats import ImportedWeights, WeightsError, canonical_keys, from_raw
 
 __all__ = ["WeightsError", "load_pretrained_backbone", "load_weights", "load_into", "check_model_settings",
            "check_student_settings", "adapt_state_dict", "timm_model_args", "to_timm_state_dict"]
@@ -186,35 +185,13 @@ def resize_pos_embed(pos: Tensor, model: VisionTransformer) -> Tensor:
     return interpolate_pos_embed(pos, g, g, model.interpolate_offset, model.interpolate_antialias)
 
 
-def _source_slots(state: Mapping[str, Tensor]) -> dict[str, int]:
-    """Routed slots of a state dict, from its keys: slot -> number of groups."""
-    slots: dict[str, int] = {}
-    for key in state:
-        m = ROUTED_KEY.match(key)
-        if m:
-            slots[m[1]] = max(slots.get(m[1], 0), int(m[2]) + 1)
-    return slots
-
-
-def _group_copies(state: Mapping[str, Tensor], plain: str, slots: Mapping[str, int]) -> list[str] | None:
-    """Keys of the per-group copies of `plain` ('blocks.0.norm1.weight') in a routed state dict, or None."""
-    for slot, n in slots.items():
-        if plain.startswith(slot + "."):
-            rest = plain[len(slot) + 1:]
-            keys = [f"{slot}.{g}.{rest}" for g in range(n)]
-            return keys if all(k in state for k in keys) else None
-    return None
-
-
 def adapt_state_dict(state: Mapping[str, Tensor], model: VisionTransformer,
                      source_groups: Sequence[int] | None = None) -> dict[str, Tensor]:
     """Map a vanilla or routed backbone state onto `model`'s keys and shapes.
 
-    A slot shared in the source is copied into every group of a routed target slot (as
-    :func:`dinospec.models.specialize.vanilla_to_routed`); a routed source slot goes group by group into a target
-    routed with the same token groups (`source_groups` = the source's group_of_type), and into a shared target only
-    when all its groups are equal (as ``routed_to_vanilla``). Done key by key, so a run can continue from an export
-    whose spec differs from its own.
+    Keys as :func:`dinospec.models.specialize.convert_state_dict` maps them (`source_groups`: the source's
+    group_of_type), key by key, so a run can continue from an export whose spec differs from its own; the learned
+    pos_embed is resized to the model's grid, and what does not fit is refused naming the likely cause.
     """
     target = model.state_dict()
     state = dict(state)
@@ -226,36 +203,11 @@ def adapt_state_dict(state: Mapping[str, Tensor], model: VisionTransformer,
     if "pos_embed" in state and state["pos_embed"].shape[1] != target["pos_embed"].shape[1] \
             and state["pos_embed"].shape[-1] == target["pos_embed"].shape[-1]:
         state["pos_embed"] = resize_pos_embed(state["pos_embed"], model)
-    src_slots, dst_slots = _source_slots(state), routed_slots(model)
-
-    out: dict[str, Tensor] = {}
-    used: set[str] = set()
-    missing: list[str] = []
-    for key in target:
-        m = ROUTED_KEY.match(key)
-        routed = m is not None and m[1] in dst_slots
-        plain, group = (f"{m[1]}.{m[3]}", int(m[2])) if routed else (key, None)
-        if plain in state:  # shared in the source
-            out[key] = state[plain]
-            used.add(plain)
-            continue
-        copies = _group_copies(state, plain, src_slots)
-        if copies is None:
-            missing.append(plain)
-            continue
-        used.update(copies)
-        source = _source_group(source_groups, model.spec.group_of_type, group, len(copies))
-        if source is not None:
-            out[key] = state[copies[source]]
-        elif all(torch.equal(state[copies[0]], state[c]) for c in copies[1:]):
-            out[key] = state[copies[0]]
-        else:
-            raise WeightsError(
-                f"'{plain}' is specialised per token group in the weights, with different values per group, but "
-                f"the model {'shares it' if group is None else 'groups tokens differently'}: no exact equivalent. "
-                f"Use a model with the same spec (or one that routes this layer with the same groups)."
-            )
-    extra = sorted(set(state) - used)
+    try:
+        out, missing, extra = convert_state_dict(state, target, source_groups, model.spec.group_of_type)
+    except SpecError as e:
+        raise WeightsError(f"{e}. Use a model with the same spec (or one that routes this layer with the same "
+                           f"groups).") from None
     if missing or extra:
         raise WeightsError(
             f"the weights do not fit the model: {len(missing)} missing key(s) {missing[:3]}, {len(extra)} unexpected "
@@ -272,16 +224,6 @@ def adapt_state_dict(state: Mapping[str, Tensor], model: VisionTransformer,
                 f"(likely a {hint}). Weights: {describe_weights(state)}; model: {describe_weights(target)}"
             )
     return out
-
-
-def _source_group(source_groups: Sequence[int] | None, target_groups: Sequence[int], group: int | None,
-                  num_copies: int) -> int | None:
-    """The source copy that serves target group `group`: the one source group all of the target group's token types
-    belong to (None when unknown, when the target slot is shared, or when the types come from different copies)."""
-    if source_groups is None or group is None or max(source_groups) + 1 != num_copies:
-        return None
-    sources = {s for s, t in zip(source_groups, target_groups) if t == group}
-    return sources.pop() if len(sources) == 1 else None
 
 
 def load_pretrained_backbone(model: VisionTransformer, path: str | Path) -> None:
@@ -304,7 +246,7 @@ def load_into(model: VisionTransformer, weights: ImportedWeights) -> None:
 def timm_model_args(model: VisionTransformer) -> tuple[str, dict[str, Any]]:
     """The timm model name and kwargs that build a timm VisionTransformer computing what `model` computes."""
     block = model.blocks[0]
-    if any(isinstance(m, TokenRouted) for m in model.modules()):
+    if routed_slots(model):
         raise WeightsError("timm has no token-type routing: collapse the model to vanilla first")
     dim, depth, regs = model.embed_dim, len(model.blocks), model.num_register_tokens
     fc_in = block.mlp.w12 if isinstance(block.mlp, SwiGLU) else block.mlp.fc1
@@ -335,7 +277,7 @@ def timm_model_args(model: VisionTransformer) -> tuple[str, dict[str, Any]]:
 
 def to_timm_state_dict(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """dinospec vanilla keys -> timm VisionTransformer keys (what timm's own DINOv2 conversion does)."""
-    out = {k: v for k, v in state.items() if k not in ("mask_token", "register_tokens", "cls_token", "pos_embed")}
+    out = {k: v for k, v in state.items() if k not in TOKEN_PARAMS}
     for key in list(out):
         if ".mlp.w12." in key or ".mlp.w3." in key:  # SwiGLU: timm's packed GluMlp names them fc1 / fc2
             out[key.replace(".w12.", ".fc1.").replace(".w3.", ".fc2.")] = out.pop(key)

@@ -73,9 +73,15 @@ class ResolvedSpec:
         return not self.final_norm and not any(self.blocks.values())
 
 
+def vanilla_config(spec: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """`spec` (a SpecConfig or mapping; default: every kind "none") with one token group: every layer shared."""
+    return {**({kind: "none" for kind in BLOCK_KINDS} if spec is None else spec), "groups": [list(TOKEN_TYPES)],
+            "final_norm": False}
+
+
 def vanilla_spec() -> ResolvedSpec:
-    """The empty spec: every layer shared by all tokens."""
-    return ResolvedSpec((0, 0, 0), 1, {kind: frozenset() for kind in BLOCK_KINDS}, False)
+    """The empty spec, resolved: every layer shared by all tokens."""
+    return resolve_spec(vanilla_config(), depth=1)
 
 
 def resolve_groups(groups: Iterable[Iterable[str]]) -> tuple[tuple[int, int, int], int]:

@@ -1,14 +1,17 @@
-"""Specialization specs: parse "which layer kinds are routed in which blocks", and convert weights.
+"""The one owner of the backbone's parameter names: which module a spec kind names, the routed key rule, and
+state-dict conversion between any two specs (vanilla or routed).
 
 A spec is data (``SpecConfig``): per module kind a block range, plus a grouping of token types. ``resolve_spec``
-turns it into a :class:`ResolvedSpec` for a given depth; the model asks it how many groups each slot gets.
-Conversion between a plain (vanilla) state dict and a routed one is a rename plus copy: ``<slot>.<p>`` becomes
-``<slot>.<g>.<p>`` for every group ``g``.
+turns it into a :class:`ResolvedSpec` for a given depth; the model asks it how many groups each slot gets. A routed
+slot's parameters are named ``<slot>.<g>.<param>`` (``blocks.0.norm1.1.weight``), a shared one's ``<slot>.<param>``,
+so converting between specs is a rename plus copy (:func:`convert_state_dict`). model_info, weights, weight_formats,
+the optimizer and export ask this module rather than parse names themselves.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+import re
+from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -16,16 +19,58 @@ from torch import Tensor, nn
 from dinospec.models.routed import TokenRouted
 from dinospec.models.spec_ranges import (
     BLOCK_KINDS, NAMED_RANGES, TOKEN_TYPES, ResolvedSpec, SpecError, parse_block_range, resolve_groups, resolve_spec,
-    vanilla_spec,
+    vanilla_config, vanilla_spec,
 )
 
 # the spec half lives in spec_ranges (torch-free, for config validation) and is re-exported here
 __all__ = ["BLOCK_KINDS", "NAMED_RANGES", "TOKEN_TYPES", "ResolvedSpec", "SpecError", "parse_block_range",
-           "resolve_groups", "resolve_spec", "vanilla_spec", "routed_slots", "plain_key", "vanilla_to_routed",
-           "routed_to_vanilla"]
+           "resolve_groups", "resolve_spec", "vanilla_config", "vanilla_spec", "SLOT_PATHS", "FINAL_NORM",
+           "TOKEN_PARAMS", "split_routed_key", "plain_key", "param_kind", "routed_slots", "convert_state_dict",
+           "vanilla_to_routed", "routed_to_vanilla"]
 
 # ----------------------------------------------------------------------------------------------------------------
-# weight conversion
+# names
+
+SLOT_PATHS = {"norm1": "norm1", "qkv": "attn.qkv", "proj": "attn.proj", "norm2": "norm2", "mlp": "mlp", "ls1": "ls1",
+              "ls2": "ls2"}
+"""Spec kind (BLOCK_KINDS) -> module path inside ``blocks.<i>`` (models/vit.Block's attributes)."""
+FINAL_NORM = "norm"  # the final norm's module path (routed with spec.final_norm)
+TOKEN_PARAMS = ("cls_token", "register_tokens", "pos_embed", "mask_token")  # the backbone's learned tokens
+
+_PATHS = "|".join(map(re.escape, SLOT_PATHS.values()))
+_BACKBONE_SLOTS = rf"blocks\.\d+\.(?:{_PATHS})|{FINAL_NORM}"  # every slot a backbone can route
+_BLOCK_SLOT = re.compile(rf"^blocks\.\d+\.({_PATHS})\.")
+_KIND_OF_PATH = {path: kind for kind, path in SLOT_PATHS.items()}
+
+
+def _slots_pattern(slots: Iterable[str] | None) -> str:
+    """Regex alternatives for the routed slots a key may be in: `slots` (a module's routed_slots: exact for any
+    module, a Block as well as a backbone), else every slot a backbone can route."""
+    return _BACKBONE_SLOTS if slots is None else "|".join(map(re.escape, slots)) or "(?!)"
+
+
+def split_routed_key(key: str, slots: Iterable[str] | None = None) -> tuple[str, int, str] | None:
+    """'blocks.0.norm1.1.weight' -> ('blocks.0.norm1', 1, 'weight'): the `<slot>.<group>.<param>` rule; None for a
+    key outside a routed slot."""
+    m = re.match(rf"^({_slots_pattern(slots)})\.(\d+)\.(.+)$", key)
+    return (m[1], int(m[2]), m[3]) if m else None
+
+
+def plain_key(key: str, slots: Iterable[str] | None = None) -> str:
+    """A routed copy's key without its group index ('blocks.0.norm1.1.weight' -> 'blocks.0.norm1.weight')."""
+    split = split_routed_key(key, slots)
+    return key if split is None else f"{split[0]}.{split[2]}"
+
+
+def param_kind(name: str) -> str:
+    """A backbone parameter's kind: a spec kind (BLOCK_KINDS), 'final_norm', 'tokens', 'patch_embed' or 'other'."""
+    name = plain_key(name)
+    if name in TOKEN_PARAMS:
+        return "tokens"
+    m = _BLOCK_SLOT.match(name)
+    if m:
+        return _KIND_OF_PATH[m[1]]
+    return {"patch_embed": "patch_embed", FINAL_NORM: "final_norm"}.get(name.split(".")[0], "other")
 
 
 def routed_slots(model: nn.Module) -> dict[str, int]:
@@ -33,60 +78,78 @@ def routed_slots(model: nn.Module) -> dict[str, int]:
     return {name: len(m) for name, m in model.named_modules() if isinstance(m, TokenRouted)}
 
 
-def _split_routed_key(key: str, slots: Mapping[str, int]) -> tuple[str, int, str] | None:
-    """'blocks.0.norm1.1.weight' -> ('blocks.0.norm1', 1, 'weight') when blocks.0.norm1 is a routed slot."""
-    parts = key.split(".")
-    for i in range(1, len(parts) - 1):
-        if parts[i].isdigit():
-            prefix = ".".join(parts[:i])
-            if prefix in slots:
-                return prefix, int(parts[i]), ".".join(parts[i + 1 :])
-    return None
+# ----------------------------------------------------------------------------------------------------------------
+# conversion
 
 
-def plain_key(key: str, slots: Mapping[str, int]) -> str:
-    split = _split_routed_key(key, slots)
-    return key if split is None else f"{split[0]}.{split[2]}"
+def convert_state_dict(state: Mapping[str, Tensor], target_keys: Iterable[str],
+                       source_groups: Sequence[int] | None = None, target_groups: Sequence[int] | None = None,
+                       atol: float = 0.0, slots: Iterable[str] | None = None
+                       ) -> tuple[dict[str, Tensor], list[str], list[str]]:
+    """A vanilla or routed `state` on `target_keys` (vanilla or routed): (mapped, missing plain keys, unused keys).
+
+    A slot shared in `state` serves every group of a routed target slot (the converted model computes what the
+    plain one did); a routed source slot goes group by group into a target routed with the same token groups
+    (`source_groups` / `target_groups`: their group_of_type), and otherwise only when its copies agree within
+    `atol` (SpecError if not). Values are not copied. `slots`: as for split_routed_key.
+    """
+    slots = None if slots is None else list(slots)
+    num_copies: dict[str, int] = {}
+    for key in state:
+        split = split_routed_key(key, slots)
+        if split:
+            num_copies[split[0]] = max(num_copies.get(split[0], 0), split[1] + 1)
+    out: dict[str, Tensor] = {}
+    used: set[str] = set()
+    missing: list[str] = []
+    for key in target_keys:
+        split = split_routed_key(key, slots)
+        plain, group = (f"{split[0]}.{split[2]}", split[1]) if split else (key, None)
+        if plain in state:  # shared in the source
+            out[key] = state[plain]
+            used.add(plain)
+            continue
+        m = re.match(rf"^({_slots_pattern(slots)})\.(.+)$", plain)
+        copies = [f"{m[1]}.{g}.{m[2]}" for g in range(num_copies.get(m[1], 0))] if m else []
+        if not copies or not all(c in state for c in copies):
+            missing.append(plain)
+            continue
+        used.update(copies)
+        source = _source_group(source_groups, target_groups, group, len(copies))
+        out[key] = first = state[copies[0 if source is None else source]]
+        if source is None and not all(torch.allclose(state[c], first, atol=atol, rtol=0) for c in copies[1:]):
+            diff = max((state[c].float() - first.float()).abs().max().item() for c in copies[1:])
+            raise SpecError(
+                f"'{plain}' is specialised per token group in the weights (slot '{m[1]}', parameter '{m[2]}'), with "
+                f"different values per group (max abs difference {diff:.3g}), but the target "
+                f"{'shares it' if group is None else 'groups tokens differently'}: no exact equivalent"
+            )
+    return out, list(dict.fromkeys(missing)), sorted(set(state) - used)
+
+
+def _source_group(source_groups: Sequence[int] | None, target_groups: Sequence[int] | None, group: int | None,
+                  num_copies: int) -> int | None:
+    """The source copy that serves target group `group`: the one source group all of the target group's token types
+    belong to (None when unknown, when the target slot is shared, or when the types come from different copies)."""
+    if source_groups is None or target_groups is None or group is None or max(source_groups) + 1 != num_copies:
+        return None
+    sources = {s for s, t in zip(source_groups, target_groups) if t == group}
+    return sources.pop() if len(sources) == 1 else None
 
 
 def vanilla_to_routed(state: Mapping[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
     """Map a plain state dict onto `model`'s (possibly routed) keys, copying shared weights into every group."""
-    slots = routed_slots(model)
-    out: dict[str, Tensor] = {}
-    missing = []
-    for key in model.state_dict().keys():
-        src = plain_key(key, slots)
-        if src not in state:
-            missing.append(src)
-            continue
-        out[key] = state[src].clone()
+    out, missing, extra = convert_state_dict(state, model.state_dict(), slots=routed_slots(model))
     if missing:
-        missing = list(dict.fromkeys(missing))  # a routed slot asks for the same plain key once per group
         raise SpecError(f"vanilla state dict lacks {len(missing)} key(s), e.g. {missing[:3]}")
-    extra = sorted(set(state) - {plain_key(k, slots) for k in out})
     if extra:
         raise SpecError(f"vanilla state dict has {len(extra)} key(s) the model lacks, e.g. {extra[:3]}")
-    return out
+    return {key: value.clone() for key, value in out.items()}
 
 
 def routed_to_vanilla(state: Mapping[str, Tensor], model: nn.Module, atol: float = 0.0) -> dict[str, Tensor]:
-    """Collapse `model`'s routed state dict to plain keys; refuse when a slot's groups differ."""
+    """Collapse `model`'s routed state dict to plain keys; refuse when a slot's groups differ by more than atol."""
     slots = routed_slots(model)
-    out: dict[str, Tensor] = {}
-    for key, value in state.items():
-        split = _split_routed_key(key, slots)
-        if split is None:
-            out[key] = value.clone()
-            continue
-        prefix, g, rest = split
-        target = f"{prefix}.{rest}"
-        if target in out:
-            if not torch.allclose(out[target], value, atol=atol, rtol=0):
-                diff = (out[target].float() - value.float()).abs().max().item()
-                raise SpecError(
-                    f"cannot convert to vanilla: the token groups of '{prefix}' hold different '{rest}' "
-                    f"(max abs difference {diff:.3g}); a specialised layer has no single shared equivalent"
-                )
-        else:
-            out[target] = value.clone()
-    return out
+    target = dict.fromkeys(plain_key(key, slots) for key in model.state_dict())
+    out, _, _ = convert_state_dict(state, target, atol=atol, slots=slots)
+    return {key: value.clone() for key, value in out.items()}

@@ -16,10 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
-_TOKEN = re.compile(r"(?:^|\.)(?:cls_token|pos_embed|mask_token|register_tokens)$")
+from dinospec.models.specialize import FINAL_NORM, SLOT_PATHS, TOKEN_PARAMS
+
+_TOKEN = re.compile(rf"(?:^|\.)(?:{'|'.join(TOKEN_PARAMS)})$")
 _PATCH_EMBED = re.compile(r"(?:^|\.)patch_embed\.")
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
-_NORM = re.compile(r"(?:^|\.)norm\d*\.")
+_NORM = re.compile(rf"(?:^|\.)(?:{SLOT_PATHS['norm1']}|{SLOT_PATHS['norm2']}|{FINAL_NORM})\.")
 _LAST_LAYER = re.compile(r"(?:^|\.)last_layer\.")
 
 
