@@ -93,8 +93,7 @@ class BlockRecorder:
             cls, _, patches = TokenLayout(self.r).split(y)
             self.cls_abs[i] += cls.double().abs().sum(dim=0)
             self.patch_abs[i] += patches.double().abs().mean(dim=1).sum(dim=0)
-            centre = patches[:, patches.shape[1] // 2]  # the middle patch: an ordinary token
-            self.ref_abs[i] += centre.double().abs().sum(dim=0)
+            self.ref_abs[i] += patches[:, patches.shape[1] // 2].double().abs().sum(dim=0)  # centre: an ordinary token
 
         return hook
 

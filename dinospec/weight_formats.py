@@ -18,11 +18,11 @@ import torch
 from torch import Tensor
 
 from dinospec.models.rope import rope_periods
-from dinospec.models.specialize import plain_key, split_routed_key
+from dinospec.models.specialize import TOKEN_PARAMS, plain_key, split_routed_key
 from dinospec.models.vit import ARCHS
 
-_VANILLA_KEY = re.compile(
-    r"^(cls_token|pos_embed|register_tokens|mask_token|patch_embed\.proj\.(weight|bias)|norm\.(weight|bias)"
+_VANILLA_KEY = re.compile(  # DINOv2's keys: dinospec's vanilla ones
+    rf"^({'|'.join(TOKEN_PARAMS)}|patch_embed\.proj\.(weight|bias)|norm\.(weight|bias)"
     r"|blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2|mlp\.w12|mlp\.w3)\.(weight|bias)"
     r"|blocks\.\d+\.ls[12]\.gamma)$"
 )

@@ -113,12 +113,6 @@ def _yaml(value: Any) -> str:
 # reading files
 
 
-def read_weights(path: str | Path) -> tuple[dict[str, Tensor], tuple[int, int, int] | None]:
-    """(state dict in dinospec keys, group_of_type of its routed slots if known) from an export dir or a file."""
-    weights = load_weights(path)
-    return weights.state, weights.groups
-
-
 def load_weights(path: str | Path) -> ImportedWeights:
     """Backbone weights from a dinospec export dir, or a DINOv2 / DINOv3 .pth / .safetensors file."""
     from safetensors.torch import load_file

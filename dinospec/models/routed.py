@@ -28,14 +28,12 @@ from torch.autograd.function import once_differentiable
 
 @dataclass(frozen=True)
 class TokenLayout:
-    """Where each token type sits in a sequence ``[1 cls | num_registers | patches]``: the one place that knows it
-    (the routing, the forward paths and the analysis ask it)."""
+    """Where each token type sits in a sequence ``[1 cls | num_registers | patches]`` (the one place that knows)."""
 
     num_registers: int
 
     @property
-    def num_prefix(self) -> int:
-        """Tokens before the patches: [CLS] and the registers (DINOv3's storage tokens)."""
+    def num_prefix(self) -> int:  # [CLS] and the registers (DINOv3's storage tokens)
         return 1 + self.num_registers
 
     def lengths(self, num_patches: int) -> tuple[int, int, int]:

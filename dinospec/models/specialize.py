@@ -1,16 +1,15 @@
-"""The one owner of the backbone's parameter names: which module a spec kind names, the routed key rule, and
-state-dict conversion between any two specs (vanilla or routed).
+"""Specs, and the one owner of the backbone's parameter names: the module a spec kind names, the routed key rule,
+state-dict conversion between any two specs. model_info, weights, weight_formats, ssl/optim and export ask it.
 
-A spec is data (``SpecConfig``): per module kind a block range, plus a grouping of token types. ``resolve_spec``
-turns it into a :class:`ResolvedSpec` for a given depth; the model asks it how many groups each slot gets. A routed
-slot's parameters are named ``<slot>.<g>.<param>`` (``blocks.0.norm1.1.weight``), a shared one's ``<slot>.<param>``,
-so converting between specs is a rename plus copy (:func:`convert_state_dict`). model_info, weights, weight_formats,
-the optimizer and export ask this module rather than parse names themselves.
+A spec (``SpecConfig``: per module kind a block range, plus a grouping of token types) resolved for a depth tells
+the model how many groups each slot gets. A routed slot's parameters are named ``<slot>.<g>.<param>``
+(``blocks.0.norm1.1.weight``), a shared one's ``<slot>.<param>``: conversion is a rename plus copy.
 """
 
 from __future__ import annotations
 
 import re
+from itertools import count, takewhile
 from typing import Iterable, Mapping, Sequence
 
 import torch
@@ -94,11 +93,6 @@ def convert_state_dict(state: Mapping[str, Tensor], target_keys: Iterable[str],
     `atol` (SpecError if not). Values are not copied. `slots`: as for split_routed_key.
     """
     slots = None if slots is None else list(slots)
-    num_copies: dict[str, int] = {}
-    for key in state:
-        split = split_routed_key(key, slots)
-        if split:
-            num_copies[split[0]] = max(num_copies.get(split[0], 0), split[1] + 1)
     out: dict[str, Tensor] = {}
     used: set[str] = set()
     missing: list[str] = []
@@ -110,8 +104,8 @@ def convert_state_dict(state: Mapping[str, Tensor], target_keys: Iterable[str],
             used.add(plain)
             continue
         m = re.match(rf"^({_slots_pattern(slots)})\.(.+)$", plain)
-        copies = [f"{m[1]}.{g}.{m[2]}" for g in range(num_copies.get(m[1], 0))] if m else []
-        if not copies or not all(c in state for c in copies):
+        copies = list(takewhile(state.__contains__, (f"{m[1]}.{g}.{m[2]}" for g in count()))) if m else []
+        if not copies:
             missing.append(plain)
             continue
         used.update(copies)
