@@ -101,7 +101,8 @@ def read_backbone_state(step_dir: Path, which: str = "teacher") -> dict[str, Ten
         raise ExportError(str(e)) from None
 
 
-def _step_config(step_dir: Path) -> Any:
+def step_config(step_dir: Path) -> Any:
+    """The run config a checkpoint was written with (its own copy, else its run directory's)."""
     from dinospec.config import load_config
 
     for path in (step_dir / "config.yaml", step_dir.parent.parent / "config.yaml"):
@@ -273,7 +274,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None
     """Export one checkpoint's backbone from a run directory (student: which student of a distillation run, 0 =
     the main one); returns the export directory."""
     step_dir = resolve_step_dir(run_dir, step)
-    cfg = _step_config(step_dir)
+    cfg = step_config(step_dir)
     student_cfg, spec_cfg, prefix = member_sections(cfg, student)
     state = read_backbone_state(step_dir, f"{which}.{prefix}".rstrip("."))
     model = backbone_from_state(state, student_cfg, spec_cfg, cfg.crops.global_crops_size,
@@ -332,7 +333,8 @@ def run(args: argparse.Namespace) -> int:
               f"depth {st['depth']}, patch {st['patch_size']}, {st['num_register_tokens']} registers, "
               f"{st.get('pos_embed', 'learned')} positions; {config['format']} format) to {out}\n")
     else:
-        print(f"exported the {src['which']} backbone of {src['run_dir']} at step {src['step']} "
+        which = f"{src['which']} (student {src['student']})" if src.get("student") else src["which"]
+        print(f"exported the {which} backbone of {src['run_dir']} at step {src['step']} "
               f"({config['student']['arch']}, {config['format']} format) to {out}\n")
     print(usage(out, config), end="")
     return 0

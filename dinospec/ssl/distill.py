@@ -95,7 +95,8 @@ def fingerprint(module: nn.Module, samples: int = 4096) -> Tensor:
 
 
 def _source_checkpoint(path: Path) -> Path | None:
-    """The checkpoint directory when `path` is a dinospec run or step directory, else None."""
+    """The checkpoint directory when `path` is a dinospec run or step directory, else None (a run directory
+    without a usable checkpoint raises CheckpointError)."""
     from dinospec.checkpoint import CheckpointError, resolve_checkpoint
 
     if not path.is_dir() or (path / "config.json").is_file():
@@ -103,6 +104,8 @@ def _source_checkpoint(path: Path) -> Path | None:
     try:
         return resolve_checkpoint(path)
     except CheckpointError:
+        if (path / "checkpoints").is_dir():
+            raise
         return None
 
 
@@ -119,17 +122,16 @@ def _heads_from(state: dict[str, Tensor], src_cfg: Any, dim: int) -> dict[str, n
 def load_frozen_teacher(cfg: Any) -> tuple[FrozenTeacher, dict[str, Tensor], str]:
     """(frozen teacher, loss centres to start from ({} unless the source is a run), a one-line description) for the
     run config `cfg`. Draws nothing from the run's random stream."""
+    from dinospec.checkpoint import CheckpointError, load_model_state
     from dinospec.config import ConfigError
-    from dinospec.export import ExportError, _step_config, backbone_from_state, backbone_from_weights
+    from dinospec.export import ExportError, backbone_from_state, backbone_from_weights, step_config
     from dinospec.weights import WeightsError
 
     path = Path(cfg.distill.teacher)
-    ckpt = _source_checkpoint(path)
     try:
+        ckpt = _source_checkpoint(path)
         if ckpt is not None:
-            from dinospec.checkpoint import load_model_state
-
-            src = _step_config(ckpt)
+            src = step_config(ckpt)
             state = load_model_state(ckpt, prefix="teacher.")  # the source's EMA teacher: backbone and heads
             state = {k: v for k, v in state.items() if not k.startswith("extra.")}
             backbone = backbone_from_state({k[9:]: v for k, v in state.items() if k.startswith("backbone.")},
@@ -146,7 +148,7 @@ def load_frozen_teacher(cfg: Any) -> tuple[FrozenTeacher, dict[str, Tensor], str
                 torch.manual_seed(cfg.train.seed)
                 heads = _heads(cfg, backbone.embed_dim)
             centres, what = {}, f"{path} ({family} weights; heads frozen at a random init, seed {cfg.train.seed})"
-    except (ExportError, WeightsError) as e:
+    except (ExportError, WeightsError, CheckpointError) as e:
         raise ConfigError(f"distill.teacher = {str(path)!r}: {e}") from None
     teacher = FrozenTeacher(backbone, heads)
     _check_fits(teacher, cfg)
