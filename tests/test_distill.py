@@ -237,6 +237,27 @@ def test_two_students_resume_bitwise_and_export(teacher: Path, tmp_path: Path) -
         feats = model.forward_features(torch.randn(2, 3, 32, 32))["x_norm_clstoken"]
         assert feats.shape == (2, embed_dim) and torch.isfinite(feats).all()
     assert json.loads((tmp_path / "export_s1" / "config.json").read_text())["spec"]["norm1"] == "none"
+    proc = run_cli(["export", str(straight), "--out", str(tmp_path / "s2"), "--student", "2"], check=False)
+    assert proc.returncode == 2 and "trains 2 student(s)" in proc.stderr
     other = _teacher_export(tmp_path / "other_teacher", seed=6)
     proc = run_cli(["train", *_distill(stopped, other, **extra, **{"train.max_steps": 6})], check=False)
     assert proc.returncode != 0 and "fingerprints differ" in proc.stderr
+
+
+@pytest.mark.slow
+def test_fsdp2_and_ddp_distill_two_students_alike(teacher: Path, tmp_path: Path) -> None:
+    """2 ranks on gloo: the students (both sharded block by block under FSDP2) and the replicated frozen teacher
+    train the same 3 steps under FSDP2 and DDP, to float rounding."""
+    from conftest import run_torchrun
+
+    runs = {}
+    for strategy in ("fsdp", "ddp"):
+        runs[strategy] = tmp_path / strategy
+        run_torchrun(2, ["train", *_distill(runs[strategy], teacher, **{
+            "distill.students": VANILLA_EXTRA, "train.max_steps": 3, "compute.strategy": strategy,
+            "train.batch_size_per_gpu": 4})])
+    a, b = load_model_state(runs["fsdp"]), load_model_state(runs["ddp"])
+    assert a.keys() == b.keys() and any(k.startswith("student.extra.0.") for k in a)
+    assert max(float((a[k].double() - b[k].double()).abs().max()) for k in a) < 1e-4
+    losses = [[r["loss"] for r in _records(run)] for run in runs.values()]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
