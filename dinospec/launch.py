@@ -167,7 +167,7 @@ def make_executor(cfg: DictConfig, res: Resources, local: bool = False) -> submi
 
 
 PATH_KEYS = ("data.path", "train.output_dir", "evaluation.knn_train", "evaluation.knn_val",
-             "student.pretrained_weights")
+             "student.pretrained_weights", "train.init_from", "distill.teacher")
 
 
 def with_absolute_paths(cfg: DictConfig) -> DictConfig:

@@ -12,7 +12,7 @@ import glob
 import os
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dinospec.config import ConfigError
 
@@ -75,9 +75,11 @@ def check_run_paths(cfg: DictConfig, resume: str | None = None) -> None:
     weights = cfg.student.pretrained_weights
     if weights and not Path(weights).exists():
         raise ConfigError(f"config key 'student.pretrained_weights' = {weights!r} does not exist")
-    init_from = cfg.train.init_from
-    if init_from and not Path(init_from).exists():  # a later phase submitted before its source run has finished
-        raise ConfigError(f"config key 'train.init_from' = {init_from!r} does not exist")
+    sources = ["train.init_from"] + (["distill.teacher"] if OmegaConf.select(cfg, "distill.enabled") else [])
+    for key in sources:  # a later phase submitted before its source run has finished
+        source = OmegaConf.select(cfg, key)
+        if source and not Path(source).exists():
+            raise ConfigError(f"config key '{key}' = {source!r} does not exist")
     if resume not in (None, "auto", "never") and not Path(resume).exists():
         raise ConfigError(f"--resume {resume!r} does not exist")
     check_writable_dir(cfg.train.output_dir, "config key 'train.output_dir' =")

@@ -57,6 +57,7 @@ REFUSALS = [  # (command, override, what the one line says)
     ("train", "data.path={tmp}/empty", "holds no files"),
     ("train", "student.pretrained_weights=/no/such.pth", "student.pretrained_weights"),
     ("submit", "train.init_from=/no/such/run", "train.init_from"),
+    ("submit", "distill.enabled=true|distill.teacher=/no/such/export", "distill.teacher"),
     ("train", "train.output_dir={tmp}/file/run", "cannot be created"),
 ]
 
@@ -67,7 +68,7 @@ def test_config_errors_are_refused_at_once_in_one_line(tmp_path, no_torch, comma
     (tmp_path / "empty" / "class_a").mkdir(parents=True)
     before = sorted(p.name for p in tmp_path.iterdir())
     args = [command, f"data.path={PHOTOS}", f"train.output_dir={tmp_path / 'run'}",
-            override.replace("{tmp}", str(tmp_path))]
+            *override.replace("{tmp}", str(tmp_path)).split("|")]  # "|" separates several overrides
     env = {**os.environ, "PYTHONPATH": f"{no_torch}{os.pathsep}{REPO}"}
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "dinospec.cli", *args], cwd=tmp_path, env=env, capture_output=True,
@@ -89,6 +90,20 @@ def test_eval_refuses_missing_paths_before_importing_torch(tmp_path, no_torch, a
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, \
         proc.stderr
+    assert time.perf_counter() - start < 2.0
+
+
+@pytest.mark.parametrize("args,rc,stream,message", [(["--help"], 0, "stdout", "--backbone DIR_OR_RUN"),
+                                                     (["--backbone", "x", "--out", "y", "--max-images", "many"], 2,
+                                                      "stderr", "--max-images: invalid int value: 'many'")])
+def test_analyze_parses_its_arguments_without_importing_torch(tmp_path, no_torch, args, rc, stream, message):
+    """`dinospec analyze` imports torch (its measurements and plots) only once its arguments are parsed."""
+    env = {**os.environ, "PYTHONPATH": f"{no_torch}{os.pathsep}{REPO}"}
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "dinospec.cli", "analyze", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == rc and message in getattr(proc, stream), proc.stdout + proc.stderr
+    assert "torch imported" not in proc.stderr and list(tmp_path.iterdir()) == []
     assert time.perf_counter() - start < 2.0
 
 
@@ -485,3 +500,17 @@ def test_eval_skips_counts_and_reports_unreadable_images(task, tmp_path, capsys,
     warnings = [r.getMessage() for r in caplog.records if "skipping unreadable image" in r.getMessage()]
     assert len(warnings) == 4  # each broken file once
     assert "2 unreadable train image(s), 2 unreadable val image(s)" in capsys.readouterr().out
+
+
+def test_submitted_paths_are_made_absolute(tmp_path, monkeypatch):
+    """A job runs in its code snapshot: every path it reads, phase sources and distillation teachers included, is
+    made absolute at submission."""
+    from dinospec.config import load_config
+    from dinospec.launch import PATH_KEYS, with_absolute_paths
+    from omegaconf import OmegaConf
+
+    monkeypatch.chdir(tmp_path)
+    for key in PATH_KEYS:  # one at a time: some are exclusive (init_from and pretrained_weights)
+        absolute = with_absolute_paths(load_config([], [f"{key}=rel/path"]))
+        assert OmegaConf.select(absolute, key) == str(tmp_path / "rel" / "path"), key
+    assert {"train.init_from", "distill.teacher"} <= set(PATH_KEYS)
