@@ -21,8 +21,6 @@ from dinospec.models.routed import SegmentedLinear
 from dinospec.models.specialize import param_kind, vanilla_config
 from dinospec.models.vit import PerTokenAffineLayerNorm, VisionTransformer, build_backbone
 
-_vanilla_spec = vanilla_config  # the name tests/test_model_info.py and scripts/gpu_check.py import
-
 
 def _sdpa_macs(inputs: list, outputs: list) -> int:
     """fvcore handle: multiply-adds of softmax(q k^T) v = B*H*Nq*Nk*(d_qk + d_v)."""
@@ -53,7 +51,10 @@ def _routed_linear_macs(inputs: list, outputs: list) -> int:
 
 
 def count_flops(model: nn.Module, img_size: int, batch: int = 1) -> int:
-    """Forward FLOPs (2 x multiply-adds) of `model` on a batch of img_size x img_size images, counted by fvcore."""
+    """Forward FLOPs (2 x multiply-adds) of `model` on a batch of img_size x img_size images, counted by fvcore.
+
+    Any size the backbone accepts, not only the one it was built at (a local crop, a high-resolution eval): the
+    runtime resizing of a learned pos_embed is no FLOPs to fvcore, and RoPE's tables have no size."""
     with warnings.catch_warnings():  # fvcore's import still calls the deprecated torch.jit.script
         warnings.simplefilter("ignore", FutureWarning)
         from fvcore.nn import FlopCountAnalysis

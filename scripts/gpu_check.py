@@ -693,27 +693,26 @@ def ssl_flops_per_image(cfg: Any, masked_per_image: float) -> dict[str, float]:
     import torch
     from torch import nn
 
-    from dinospec.model_info import _vanilla_spec, count_flops
+    from dinospec.model_info import count_flops
+    from dinospec.models.specialize import vanilla_config
     from dinospec.models.vit import arch_kwargs, build_backbone
     from dinospec.ssl.meta_arch import _heads
 
     student = dict(cfg.student)
     depth = arch_kwargs(student)["depth"]
     g, l, n_local = cfg.crops.global_crops_size, cfg.crops.local_crops_size, cfg.crops.local_crops_number
-    vanilla = _vanilla_spec(cfg.spec)  # routing adds no FLOPs (model_info counts both and tests it)
+    vanilla = vanilla_config(cfg.spec)  # routing adds no FLOPs (model_info counts both and tests it)
+    models = []
+    for depth_here in (1, 2):  # built at the global crop size, as the student; counted at both crop sizes
+        with torch.device("meta"):  # no init: the values do not change the count
+            model = build_backbone({**student, "depth": depth_here, "drop_path_rate": 0.0}, vanilla, img_size=g)
+        model = model.to_empty(device="cpu")
+        for t in [*model.parameters(), *model.buffers()]:
+            torch.nn.init.zeros_(t)
+        models.append(model)
 
     def split(img: int) -> tuple[float, float]:
-        # built at the crop size: count_flops's fvcore trace of the pos-embed interpolation fails for another size
-        # (TypeError in upsample_bicubic2d: the traced scale factors are tensors); the interpolation is no FLOPs
-        flops = []
-        for depth_here in (1, 2):
-            with torch.device("meta"):  # no init: the values do not change the count
-                model = build_backbone({**student, "depth": depth_here, "drop_path_rate": 0.0}, vanilla, img_size=img)
-            model = model.to_empty(device="cpu")
-            for t in [*model.parameters(), *model.buffers()]:
-                torch.nn.init.zeros_(t)
-            flops.append(count_flops(model, img))
-        f1, f2 = flops
+        f1, f2 = (count_flops(model, img) for model in models)
         return f1 - (f2 - f1), f2 - f1  # outside the blocks, one block
 
     (out_g, blk_g), (out_l, blk_l) = split(g), split(l)
@@ -942,7 +941,7 @@ def check_sdpa_backends(ctx: Ctx) -> Result:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.profiler import ProfilerActivity, profile
 
-    from dinospec.models.routed import Routing
+    from dinospec.models.routed import Routing, TokenLayout
     from dinospec.models.vit import Attention
 
     b, n, c, h = ctx.sizes.attn
@@ -950,7 +949,7 @@ def check_sdpa_backends(ctx: Ctx) -> Result:
     attn = Attention(c, h, 1, 1, True, True).to(ctx.device)  # dinospec's layer: its q, k, v layout included
     x = torch.randn(b, n, c, device=ctx.device)
     probe = torch.randn(b, n, c, device=ctx.device)
-    routing = Routing.build((0, 0, 0), 0, n - 1)
+    routing = Routing.from_lengths((0, 0, 0), TokenLayout(0).lengths(n - 1))
 
     def run(backends: list[Any]) -> list[torch.Tensor]:
         attn.zero_grad(set_to_none=True)

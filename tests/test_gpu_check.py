@@ -101,3 +101,17 @@ def test_gpu_acceptance_run(tmp_path: Path) -> None:
     print(proc.stdout[-6000:])
     assert list(data["checks"]) == _module().CHECK_NAMES
     assert data["meta"]["wall_s"] <= data["meta"]["time_limit_s"] + 30
+
+
+def test_ssl_flops_per_image_counts_each_crop_size_on_the_full_backbone() -> None:
+    """The depth-1/depth-2 extrapolation, from backbones built at the global size, equals count_flops of the whole
+    backbone at each crop size (the local crops counted at their own size)."""
+    from dinospec.config import load_config
+    from dinospec.model_info import count_flops
+    from dinospec.models.vit import build_backbone
+
+    cfg = load_config([], ["model=vit_pico", "spec=paper", "crops.global_crops_size=64", "crops.local_crops_size=32"])
+    flops = _module().ssl_flops_per_image(cfg, masked_per_image=3.0)
+    model = build_backbone(cfg.student, cfg.spec, img_size=64)
+    assert flops["backbone_fwd_flops_global"] == count_flops(model, 64)
+    assert flops["backbone_fwd_flops_local"] == count_flops(model, 32)

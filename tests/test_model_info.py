@@ -18,15 +18,8 @@ import pytest
 import torch
 
 from dinospec.config import CONFIG_DIR, load_config
-from dinospec.model_info import (
-    _vanilla_spec,
-    count_flops,
-    count_flops_torch,
-    format_table,
-    model_info,
-    params_by_kind,
-)
-from dinospec.models.specialize import resolve_spec
+from dinospec.model_info import count_flops, count_flops_torch, format_table, model_info, params_by_kind
+from dinospec.models.specialize import resolve_spec, vanilla_config
 from dinospec.models.vit import VisionTransformer, build_backbone
 
 SPEC_PRESETS = sorted(p.stem for p in (CONFIG_DIR / "spec").glob("*.yaml"))
@@ -72,6 +65,19 @@ def test_fvcore_flops_equal_the_hand_formula(num_reg, ffn, patch, img):
     assert count_flops_torch(model, img) == expected["matmul"]
 
 
+@pytest.mark.parametrize("pos_embed,offset,asked", [("learned", 0.1, 64), ("learned", 0.1, 16), ("learned", 0.0, 48),
+                                                     ("rope", 0.1, 64)])
+def test_flops_at_a_size_other_than_the_built_one(pos_embed, offset, asked):
+    """A backbone built at 32 px counted at another size (a local crop, a larger image) counts that size's tokens:
+    the hand formula at `asked`, and what a backbone built at `asked` counts."""
+    small = dict(depth=2, pos_embed=pos_embed, interpolate_offset=offset)
+    model = tiny(2, **small)
+    expected = hand_flops(asked, 8, 32, 2, 4, 2, 128)
+    assert count_flops(model, asked) == expected["matmul"] + expected["norm"] == count_flops(
+        tiny(2, img_size=asked, **small), asked)
+    assert count_flops_torch(model, asked) == expected["matmul"]
+
+
 def test_flops_do_not_depend_on_the_spec():
     small = dict(depth=2, img_size=16)  # 4 patches + 2 registers: fvcore's tracing is the slow part
     vanilla = count_flops(tiny(2, **small), 16)
@@ -91,7 +97,7 @@ def meta_params(arch: str, spec: str) -> tuple[int, int, dict, dict]:
     cfg = load_config([], [f"model={arch}", f"spec={spec}"])
     with torch.device("meta"):  # parameter counts need no memory
         model = build_backbone(cfg.student, cfg.spec, 224)
-        vanilla = build_backbone(cfg.student, _vanilla_spec(cfg.spec), 224)
+        vanilla = build_backbone(cfg.student, vanilla_config(cfg.spec), 224)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     return count(model), count(vanilla), params_by_kind(model), params_by_kind(vanilla)
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from dinospec.config import CONFIG_DIR, load_config
-from dinospec.models.routed import TokenRouted, Routing, route
+from dinospec.models.routed import Routing, TokenLayout, TokenRouted, route
 from dinospec.models.specialize import (
     BLOCK_KINDS,
     SpecError,
@@ -63,7 +63,7 @@ def perturb_(model: nn.Module, seed: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Routing.build
+# Routing.from_lengths over a TokenLayout (as VisionTransformer.routing)
 
 
 # expected (start, stop, group) segments for 1 cls, R registers, 4 patches, written out by hand
@@ -83,7 +83,7 @@ EXPECTED_SEGMENTS = {
 @pytest.mark.parametrize("grouping,num_reg", sorted(EXPECTED_SEGMENTS))
 def test_routing_segments(grouping, num_reg):
     group_of_type, _ = resolve_groups(GROUPINGS[grouping])
-    routing = Routing.build(group_of_type, num_reg, 4)
+    routing = Routing.from_lengths(group_of_type, TokenLayout(num_reg).lengths(4))
     assert routing.segments == EXPECTED_SEGMENTS[grouping, num_reg]
     # the per-token group index agrees with the token types
     types = ["cls"] + ["reg"] * num_reg + ["patch"] * 4
@@ -337,7 +337,7 @@ def test_empty_group_copy_gets_no_gradient():
 
 
 def test_route_calls_plain_and_routed_layers():
-    routing = Routing.build((0, 1, 1), 0, 3)
+    routing = Routing.from_lengths((0, 1, 1), TokenLayout(0).lengths(3))
     x = torch.randn(2, 4, 6)
     plain = nn.Linear(6, 5)
     routed = TokenRouted(plain, 2)
@@ -372,7 +372,7 @@ def routed_layer(kind: str, groups: int) -> TokenRouted:
 @pytest.mark.parametrize("grouping", ["cls|reg|patch", "cls+patch|reg"])
 def test_fast_paths_match_the_per_segment_definition(kind, grouping):
     group_of_type, num_groups = resolve_groups(GROUPINGS[grouping])
-    routing = Routing.build(group_of_type, 2, 5)  # 1 cls, 2 registers, 5 patches
+    routing = Routing.from_lengths(group_of_type, TokenLayout(2).lengths(5))  # 1 cls, 2 registers, 5 patches
     layer = routed_layer(kind, num_groups)
     x = torch.randn(3, 8, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(12), requires_grad=True)
     weights = torch.randn(3, 8, 5 if "linear" in kind else 6, dtype=torch.float64)
@@ -389,7 +389,7 @@ def test_fast_paths_match_the_per_segment_definition(kind, grouping):
 
 
 def test_per_token_layernorm_and_segmented_linear_pass_gradcheck():
-    routing = Routing.build((0, 1, 1), 1, 3)
+    routing = Routing.from_lengths((0, 1, 1), TokenLayout(1).lengths(3))
     for kind in ("layernorm", "linear"):
         layer = routed_layer(kind, 2)
         x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)

@@ -340,9 +340,9 @@ def test_subset_drop_path_matches_dinov2_block_in_training():
 
     ours.load_state_dict(vanilla_to_routed(ref.state_dict(), ours))
     x = torch.randn(8, 1 + 16, TINY["embed_dim"])
-    from dinospec.models.routed import Routing
+    from dinospec.models.routed import Routing, TokenLayout
 
-    routing = Routing.build((0, 1, 1), 0, 16)
+    routing = Routing.from_lengths((0, 1, 1), TokenLayout(0).lengths(16))
     torch.manual_seed(6)
     got = ours(x, routing)
     torch.manual_seed(6)

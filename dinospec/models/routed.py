@@ -52,11 +52,6 @@ class Routing:
     segments: tuple[tuple[int, int, int], ...]
 
     @staticmethod
-    def build(group_of_type: Sequence[int], num_reg: int, num_patches: int) -> "Routing":
-        """`group_of_type[i]` is the group of TOKEN_TYPES[i]; the layout is TokenLayout(num_reg)'s."""
-        return Routing.from_lengths(group_of_type, TokenLayout(num_reg).lengths(num_patches))
-
-    @staticmethod
     def from_lengths(group_of_type: Sequence[int], lengths: Sequence[int]) -> "Routing":
         """The layout [lengths[0] cls | lengths[1] registers | lengths[2] patches] (several sequences packed
         type-major have more than one [CLS])."""

@@ -362,8 +362,8 @@ def interpolate_pos_embed(pos: Tensor, gh: int, gw: int, offset: float, antialia
     if m * m != n:
         raise ValueError(f"pos_embed {tuple(pos.shape)}: only a square position grid can be resized")
     patch_pos = pos[:, 1:].reshape(1, m, m, -1).permute(0, 3, 1, 2).float()  # (1, D, M, M)
-    if offset:
-        sx, sy = (gw + offset) / m, (gh + offset) / m
+    if offset:  # float(): a traced grid size (fvcore's jit trace) is a tensor, which F.interpolate refuses
+        sx, sy = float(gw + offset) / m, float(gh + offset) / m
         patch_pos = F.interpolate(patch_pos, scale_factor=(sy, sx), mode="bicubic", antialias=antialias)
     else:
         patch_pos = F.interpolate(patch_pos, size=(gh, gw), mode="bicubic", antialias=antialias)
