@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dinospec.analysis import PLOTS, analyze, high_norm_stats, measure, pca_rgb
+from dinospec.analysis import PLOTS, analyze
+from dinospec.analysis_measure import high_norm_stats, measure, pca_rgb
 from dinospec.eval.features import ImageList, list_images
 from dinospec.models.routed import route
 from dinospec.models.vit import build_backbone
