@@ -696,3 +696,21 @@ def flat_keys(node: Any, prefix: str = "") -> dict[str, Any]:
     for k, v in node.items():
         out.update(flat_keys(v, f"{prefix}{k}."))
     return out
+
+
+# keys whose change makes a checkpoint unusable (the model or its heads would not match)
+INCOMPATIBLE_KEYS = ("student", "spec", "dino.head_", "ibot.head_", "ibot.separate_head", "crops.global_crops_size",
+                     "distill.enabled", "distill.students")
+
+
+def check_compatible(saved_yaml: str, cfg: DictConfig) -> list[str]:
+    """Raise ConfigError when the saved run's model differs; return the compatible keys that changed."""
+    old, new = flat_keys(OmegaConf.to_container(OmegaConf.create(saved_yaml))), flat_keys(OmegaConf.to_container(cfg))
+    old = {"distill.enabled": False, "distill.students": [], **old}  # runs saved before distillation existed
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    bad = [k for k in changed if k.startswith(INCOMPATIBLE_KEYS)]
+    if bad:
+        detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in bad[:6])
+        raise ConfigError(f"the checkpoint was written by an incompatible config ({detail}); "
+                          f"use another train.output_dir or --no-resume with a new directory")
+    return changed

@@ -1,4 +1,4 @@
-"""One code path for a single process, torchrun and SLURM tasks: environment -> process group -> wrapped model.
+"""One code path for a single process, torchrun and SLURM tasks: environment -> process group -> collectives.
 
 Rank, world size and rendezvous come from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) or,
 when those are absent, from SLURM's (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_JOB_NODELIST). Without a
@@ -21,7 +21,6 @@ from typing import Any, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 
 @dataclass(frozen=True)
@@ -243,22 +242,3 @@ def broadcast_object(obj: Any) -> Any:
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
-
-def resolve_strategy(strategy: str, device: torch.device) -> str:
-    """auto: FSDP2 on GPU with several ranks, DDP on CPU with several ranks, a plain module alone."""
-    if strategy != "auto":
-        return strategy if world_size() > 1 or strategy == "none" else "none"
-    if world_size() == 1:
-        return "none"
-    return "fsdp" if device.type == "cuda" else "ddp"
-
-
-def shard_fsdp2(module: nn.Module, blocks: nn.ModuleList, mixed_precision: bool) -> None:
-    """FSDP2 in place: each block a unit, then the root (torchtitan's order); bf16 params, fp32 reductions."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else None
-    kwargs = {"mp_policy": mp} if mp is not None else {}
-    for block in blocks:
-        fully_shard(block, **kwargs)
-    fully_shard(module, **kwargs)

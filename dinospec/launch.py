@@ -458,7 +458,7 @@ def resume_step(cfg: DictConfig) -> int | None:
     if not (Path(cfg.train.output_dir) / "checkpoints").is_dir():
         return None  # a fresh run: no need to import torch
     from dinospec.checkpoint import Checkpointer, CheckpointError
-    from dinospec.trainer import check_compatible
+    from dinospec.config import check_compatible
 
     checkpointer = Checkpointer(cfg.train.output_dir)
     step = checkpointer.latest_step()

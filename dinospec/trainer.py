@@ -7,51 +7,44 @@
 A run directory holds config.yaml, metrics.jsonl, checkpoints/ and plots/. Training resumes from the latest good
 checkpoint of its run directory by default; a preemption signal (SIGTERM, SIGUSR1, SIGUSR2) finishes the current
 step, saves and returns status "preempted" (`dinospec train` then exits with dinospec.cli.EXIT_PREEMPTED).
+
+`set_up` builds a run once; `train_step` is one optimizer step (scripts call it too, on a `Trainee.build(cfg, meta,
+device)` of their own); `_log` (with the k-NN when due) and `_save_or_stop` are the periodic actions.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import signal
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.checkpoint.stateful import Stateful
 
 from dinospec import dist
 from dinospec.checkpoint import Checkpointer
-from dinospec.config import ConfigError, flat_keys, to_yaml
-from dinospec.data.loader import build_ssl_loader
+from dinospec.checkpoint_state import ModelState, OptimState, Progress
+from dinospec.config import ConfigError, check_compatible, to_yaml
+from dinospec.data.loader import SSLLoader, build_ssl_loader
 from dinospec.metrics import MetricsLogger, plot_losses
-from dinospec.rng import capture_rng, restore_rng, seed_all
+from dinospec.parallel import Parallel, configure_process, parallelize
+from dinospec.parallel import wrap as _wrap  # noqa: F401  (scripts/gpu_check.py)
+from dinospec.rng import seed_all
 from dinospec.run_lease import hold_run_dir
 from dinospec.ssl.meta_arch import SSLMetaArch
 from dinospec.ssl.diagnostics import CollapseDetector
 from dinospec.ssl.gram_teacher import GramAnchor
 from dinospec.ssl.optim import apply_schedules, build_optimizer
-from dinospec.ssl.schedules import build_schedules, momentum_for_run, teacher_init_share
+from dinospec.ssl.schedules import Schedules, build_schedules, momentum_for_run, teacher_init_share
 
 log = logging.getLogger("dinospec")
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
-# keys whose change makes a checkpoint unusable (the model or its heads would not match)
-INCOMPATIBLE_KEYS = ("student", "spec", "dino.head_", "ibot.head_", "ibot.separate_head", "crops.global_crops_size",
-                     "distill.enabled", "distill.students")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -65,78 +58,45 @@ class TrainOutcome:
     run_dir: Path
 
 
-class ModelState(Stateful):
-    """Student, teacher and loss centres as DCP state: full FQNs, sharded or not. Keys under the model's
-    `unsaved_prefixes` (a distillation teacher, read again from its source) are left out, and only they may be
-    missing when loading."""
+@dataclass
+class Trainee:
+    """What one training step needs (train_step): the model, how it runs, its optimizer, schedules and progress."""
 
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-        self.unsaved = tuple(getattr(model, "unsaved_prefixes", ()))
+    cfg: DictConfig
+    meta: SSLMetaArch
+    par: Parallel
+    optimizer: torch.optim.Optimizer
+    sched: Schedules
+    progress: Progress
+    gram: GramAnchor | None = None  # replicated, never sharded or wrapped
+    grad_norm: float = 0.0  # the largest clipped norm of the last step taken (a skipped step keeps it)
 
-    def state_dict(self) -> dict[str, Any]:
-        state = get_model_state_dict(self.model)
-        return {k: v for k, v in state.items() if not k.startswith(self.unsaved)} if self.unsaved else state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not self.unsaved:
-            set_model_state_dict(self.model, state_dict, options=StateDictOptions(strict=True))
-            return
-        result = set_model_state_dict(self.model, state_dict, options=StateDictOptions(strict=False))
-        wrong = [k for k in result.missing_keys if not k.startswith(self.unsaved)] + list(result.unexpected_keys)
-        if wrong:
-            raise RuntimeError(f"checkpoint and model differ in {len(wrong)} key(s), e.g. {sorted(wrong)[:4]}")
-
-
-class OptimState(Stateful):
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
-        self.model, self.optimizer = model, optimizer
-
-    def state_dict(self) -> dict[str, Any]:
-        fresh = not self.optimizer.state  # no step taken yet (every step so far skipped as non-finite)
-        state = get_optimizer_state_dict(self.model, self.optimizer)
-        if fresh:  # torch made that state with a zero-lr step that counts: save, and keep, "no step taken"
-            self.optimizer.state.clear()
-            for per_param in state["state"].values():
-                if "step" in per_param:
-                    per_param["step"] = torch.zeros_like(per_param["step"])
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        set_optimizer_state_dict(self.model, self.optimizer, state_dict)
+    @classmethod
+    def build(cls, cfg: DictConfig, meta: SSLMetaArch, device: torch.device, world_size: int = 1,
+              gram: GramAnchor | None = None) -> "Trainee":
+        """A built (and loaded) model made ready to train: parallelized, with its optimizer, the schedules (over
+        optim.epochs; train.max_steps may stop sooner) and a fresh Progress."""
+        return cls(cfg, meta, parallelize(meta, cfg, device), _build_optimizer(meta, cfg),
+                   build_schedules(cfg, None, cfg.train.batch_size_per_gpu * world_size), Progress(device), gram)
 
 
-class Progress(Stateful):
-    """Step, skip count and every rank's RNG: what makes a resumed run continue the same run. The data position is
-    not held here: the loader is rebuilt at `step` (build_ssl_loader(start_step=...))."""
+@dataclass
+class Run:
+    """A run as set_up builds it: the trainee, and what the loop and its periodic actions use."""
 
-    def __init__(self, device: torch.device):
-        self.step = 0
-        self.nonfinite_skips = 0
-        self.device = device
-
-    def state_dict(self) -> dict[str, Any]:
-        rng = capture_rng()
-        out: dict[str, Any] = {"step": torch.tensor(self.step), "nonfinite_skips": torch.tensor(self.nonfinite_skips),
-                               "world_size": torch.tensor(dist.world_size())}
-        for key, value in rng.items():  # every rank's state in one replicated (W, ...) tensor
-            out[f"rng.{key}"] = _gather(value)
-        return out
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.step = int(state_dict["step"])
-        self.nonfinite_skips = int(state_dict["nonfinite_skips"])
-        if int(state_dict["world_size"]) == dist.world_size():
-            # clone: torch.set_rng_state segfaults on a view at a non-zero storage offset (rank >= 1's row)
-            restore_rng({k[4:]: v[dist.rank()].clone() for k, v in state_dict.items() if k.startswith("rng.")})
-        else:  # another number of ranks: a fresh, deterministic stream per rank (data order does not depend on it)
-            log.warning("resuming on %d ranks from a %d-rank checkpoint: RNG streams reseeded",
-                        dist.world_size(), int(state_dict["world_size"]))
-            seed_all(1_000_003 * self.step + dist.rank())
-
-
-def _gather(t: torch.Tensor) -> torch.Tensor:
-    return dist.gather_stacked(t.cpu())  # CPU: the default group serves it through gloo beside NCCL on GPU
+    trainee: Trainee
+    env: dist.DistEnv
+    device: torch.device
+    run_dir: Path
+    checkpointer: Checkpointer
+    state: dict[str, Any]  # what a checkpoint holds
+    logger: MetricsLogger
+    loader: SSLLoader
+    start: int
+    steps: int
+    global_batch: int
+    collapse: CollapseDetector
+    since: tuple[float, int]  # (time, step) of the last log line: img/s and s/step are measured from there
 
 
 class SignalFlag:
@@ -161,66 +121,6 @@ class SignalFlag:
 
 def total_steps(cfg: DictConfig) -> int:
     return cfg.train.max_steps if cfg.train.max_steps is not None else cfg.optim.epochs * cfg.train.official_epoch_length
-
-
-def check_compatible(saved_yaml: str, cfg: DictConfig) -> list[str]:
-    """Raise ConfigError when the saved run's model differs; return the compatible keys that changed."""
-    saved = OmegaConf.create(saved_yaml)
-    old, new = flat_keys(OmegaConf.to_container(saved)), flat_keys(OmegaConf.to_container(cfg))
-    old = {"distill.enabled": False, "distill.students": [], **old}  # runs saved before distillation existed
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    bad = [k for k in changed if k.startswith(INCOMPATIBLE_KEYS)]
-    if bad:
-        detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in bad[:6])
-        raise ConfigError(f"the checkpoint was written by an incompatible config ({detail}); "
-                          f"use another train.output_dir or --no-resume with a new directory")
-    return changed
-
-
-def _num_threads(cfg: DictConfig) -> int:
-    if cfg.compute.num_threads is not None:
-        return max(1, cfg.compute.num_threads)
-    if "OMP_NUM_THREADS" in os.environ:  # set by the user, torchrun or SLURM job scripts: respect it
-        return max(1, int(os.environ["OMP_NUM_THREADS"]))
-    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1")).split("(")[0])
-    return max(1, (os.cpu_count() or 1) // max(1, ranks_here) - cfg.data.num_workers)
-
-
-def _precision(cfg: DictConfig, device: torch.device) -> torch.dtype | None:
-    p = cfg.compute.precision
-    if p == "auto":
-        p = "bf16" if device.type == "cuda" else "fp32"
-    return torch.bfloat16 if p == "bf16" else None
-
-
-def _blocks(part: torch.nn.Module) -> list[torch.nn.Module]:
-    """The backbone blocks of every student a student (or EMA teacher) module holds."""
-    return [block for member in part.members() for block in member.backbone.blocks]
-
-
-def _wrap(meta: SSLMetaArch, cfg: DictConfig, strategy: str, device: torch.device,
-          dtype: torch.dtype | None) -> Any:
-    """Apply compile and parallelism from outside the model (torchtitan's order); return the student's forward.
-    A distillation teacher stays a plain replicated module (compiled with the rest)."""
-    frozen = getattr(meta, "distill_teacher", None)
-    if cfg.compute.compile:
-        for part in (meta.student, meta.teacher):
-            for block in _blocks(part):
-                block.compile()
-        for block in frozen.backbone.blocks if frozen is not None else ():
-            block.compile()
-    if strategy == "fsdp":
-        for part in (meta.student, meta.teacher):
-            dist.shard_fsdp2(part, _blocks(part), mixed_precision=dtype is not None)
-        if frozen is not None:  # FSDP2 casts the students only; autocast casts the teacher's forward alike
-            meta.autocast_dtype = dtype
-        return meta.student
-    if strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
-        return DistributedDataParallel(meta.student, device_ids=[device.index] if device.type == "cuda" else None,
-                                       broadcast_buffers=False)
-    return meta.student
 
 
 def _check_knn_folders(cfg: DictConfig) -> None:
@@ -257,33 +157,45 @@ def train(cfg: DictConfig, resume: str = "auto") -> TrainOutcome:
     lease = hold_run_dir(run_dir, env.is_main)
     outcome = None
     try:
-        outcome = _train(cfg, resume, env, device, run_dir)
+        outcome = _train(set_up(cfg, resume, env, device, run_dir))
         return outcome
     finally:
         if lease is not None:  # a preempted run keeps it for its requeue (or its next start) to take over
             lease.release(keep=outcome is not None and outcome.status == "preempted")
 
 
-def _train(cfg: DictConfig, resume: str, env: dist.DistEnv, device: torch.device, run_dir: Path) -> TrainOutcome:
-    torch.set_num_threads(_num_threads(cfg))
-    if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+def _train(run: Run) -> TrainOutcome:
+    """The step loop: a step, then its periodic actions; the status the run ends with."""
+    cfg, status, knn_period = run.trainee.cfg, "finished", run.trainee.cfg.evaluation.knn_period_steps
+    batches, signals = _batches(run.loader, run.device), SignalFlag().install()
+    try:
+        for step in range(run.start, run.steps):
+            # k-NN every knn_period steps, at the end, and after the first step (the baseline of a fresh run)
+            knn_due = bool(knn_period) and ((step + 1) % knn_period == 0 or step + 1 == run.steps or step == 0)
+            logs = knn_due or (step + 1) % cfg.train.log_every == 0 or step == run.start or step + 1 == run.steps
+            losses = train_step(run.trainee, next(batches), step, run.logger.info, diagnostics=logs)
+            run.logger.advance()
+            if logs:
+                _log(run, step, losses, knn_due)
+            if _save_or_stop(run, step, signals):
+                status = "preempted"
+                break
+        run.checkpointer.wait()
+    finally:
+        signals.restore()
+        run.logger.close()
+    if run.env.is_main and cfg.logging.plots and (run.run_dir / "metrics.jsonl").exists():
+        plot_losses(run.run_dir / "metrics.jsonl", run.run_dir / "plots" / "losses.png")
+    return TrainOutcome(status, run.trainee.progress.step, run.run_dir)
 
+
+def set_up(cfg: DictConfig, resume: str, env: dist.DistEnv, device: torch.device, run_dir: Path) -> Run:
+    """Everything a run needs, once: seeds, model (pretrained weights or an init_from phase), parallelism,
+    optimizer, the resumed state, schedules, logger, and the loader at the resumed step."""
+    configure_process(cfg)
     checkpointer = Checkpointer(run_dir, keep_last=cfg.checkpoint.keep_last, keep_every=cfg.checkpoint.keep_every,
                                 async_save=cfg.checkpoint.async_save)
-    has_checkpoint = checkpointer.latest_step() is not None
-    if resume == "never" and has_checkpoint:
-        raise ConfigError(f"{run_dir} already holds checkpoints and --no-resume was given; "
-                          f"choose another train.output_dir (nothing is overwritten)")
-    saved_gram = False  # whether the checkpoint resumed from holds a Gram teacher
-    resuming = resume not in ("auto", "never") or (resume == "auto" and has_checkpoint)
-    if resuming:
-        saved_yaml = checkpointer.read_config(None if resume == "auto" else resume)
-        saved_gram = bool(OmegaConf.select(OmegaConf.create(saved_yaml), "gram.enabled", default=False))
-        changed = check_compatible(saved_yaml, cfg)
-        if changed and env.is_main:
-            log.warning("resuming with changed config keys: %s", ", ".join(changed))
-
+    resuming, saved_gram = _resume_plan(checkpointer, cfg, resume, env.is_main)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank (the teacher is never broadcast)
     meta = _build_meta(cfg).to(device)
     seed_all(cfg.train.seed + 1 + env.rank)  # then one stream per rank (drop-path; python and numpy too)
@@ -292,14 +204,10 @@ def _train(cfg: DictConfig, resume: str, env: dist.DistEnv, device: torch.device
         from dinospec.phase import init_from_run
 
         init_from_run(meta, cfg, cfg.train.init_from)
-    # a frozen copy of the teacher backbone, taken at gram.start_step; replicated, never sharded or wrapped
+    # a frozen copy of the teacher backbone, taken at gram.start_step
     gram = GramAnchor(cfg, meta.teacher.backbone).to(device) if cfg.gram.enabled else None
-    dtype = _precision(cfg, device)
-    strategy = dist.resolve_strategy(cfg.compute.strategy, device)
-    student_forward = _wrap(meta, cfg, strategy, device, dtype)
-    optimizer = _build_optimizer(meta, cfg)
-    progress = Progress(device)
-    state = {"model": ModelState(meta), "optim": OptimState(meta.student, optimizer), "train": progress}
+    t = Trainee.build(cfg, meta, device, env.world_size, gram)
+    state = {"model": ModelState(meta), "optim": OptimState(meta.student, t.optimizer), "train": t.progress}
     if gram is not None:
         state["gram"] = gram  # its weights are run state: frozen since their step, not recomputable
     if resume != "never":  # a checkpoint from before Gram anchoring was on has no Gram teacher: it is taken anew
@@ -307,11 +215,7 @@ def _train(cfg: DictConfig, resume: str, env: dist.DistEnv, device: torch.device
         checkpointer.load(loadable, path=None if resume == "auto" else resume)
     if hasattr(meta, "check_teacher_unchanged"):
         meta.check_teacher_unchanged()
-    start = progress.step
-    steps = total_steps(cfg)
-    global_batch = cfg.train.batch_size_per_gpu * env.world_size
-    sched = build_schedules(cfg, None, global_batch)  # schedules span optim.epochs; max_steps may stop sooner
-
+    start, steps, global_batch = t.progress.step, total_steps(cfg), cfg.train.batch_size_per_gpu * env.world_size
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -319,87 +223,99 @@ def _train(cfg: DictConfig, resume: str, env: dist.DistEnv, device: torch.device
                            OmegaConf.to_container(cfg, resolve=True))
     logger.info(f"dinospec: {env.world_size} rank(s) on {device}, {sum(p.numel() for p in meta.student.parameters()):,} "
                 f"student params, steps {start} -> {steps}, global batch {global_batch}, run {run_dir}")
-    share = teacher_init_share(sched.momentum, steps)
+    share = teacher_init_share(t.sched.momentum, steps)
     if share > 0.05 and start == 0:
         logger.info(f"WARNING: with teacher.momentum_teacher {cfg.teacher.momentum_teacher} the EMA teacher still "
                     f"holds {share:.0%} of its random init at the last step ({steps}): its targets will say little "
                     f"about the images. For a run this short use teacher.momentum_teacher <= "
                     f"{momentum_for_run(steps):.4f} (or a longer run).")
-    loader = build_ssl_loader(cfg, env.rank, env.world_size, start_step=start)
-    batches = _batches(loader, device)
-    signals = SignalFlag().install()
-    status, step = "finished", start
-    # FSDP2 casts through its MixedPrecisionPolicy; otherwise autocast does (bf16 on GPU by default)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None and strategy != "fsdp" \
-        else nullcontext()
-    grad_norm = 0.0
-    knn_period = cfg.evaluation.knn_period_steps
+    loader = build_ssl_loader(cfg, env.rank, env.world_size, start_step=start, broken=t.progress.broken)
     collapse = CollapseDetector(cfg.dino.head_n_prototypes, cfg.logging.collapse_patience_steps)
-    try:
-        t_last, n_since = time.perf_counter(), 0
-        for step in range(start, steps):
-            batch = next(batches)
-            now = sched.at(step)
-            lr, wd, last_lr = now["lr"], now["wd"], now["last_layer_lr"]
-            momentum, teacher_temp = now["momentum"], now["teacher_temp"]
-            apply_schedules(optimizer, lr, wd, last_lr)
-            optimizer.zero_grad(set_to_none=True)
-            if gram is not None and gram.due(step):
-                gram.refresh(meta.teacher.backbone, step)
-                logger.info(f"step {step}: Gram teacher taken from the EMA teacher")
-            with autocast:
-                losses = meta.losses(batch, teacher_temp, student_forward, gram)
-            loss = losses["loss"]
-            if dist.any_rank(not bool(torch.isfinite(loss)), device):
-                progress.nonfinite_skips += 1
-                values = {k: float(v.detach()) for k, v in losses.items()}
-                if cfg.train.nonfinite == "stop" or progress.nonfinite_skips > cfg.train.max_nonfinite_skips:
-                    raise NonFiniteLoss(f"non-finite loss at step {step}: {values} "
-                                        f"({progress.nonfinite_skips} non-finite step(s) so far)")
-                logger.info(f"step {step}: non-finite loss {values}, step skipped "
-                            f"({progress.nonfinite_skips}/{cfg.train.max_nonfinite_skips})")
-                loss.backward()  # keeps DDP's gradient hooks in step on every rank; the gradients are dropped
-                optimizer.zero_grad(set_to_none=True)
-            else:
-                loss.backward()
-                grad_norm = _clip(meta, cfg.optim.clip_grad)
-                optimizer.step()
-                meta.update_teacher(momentum)
-            progress.step = step + 1
-            n_since += 1
-            logger.advance()
-            # k-NN every knn_period steps, at the end, and after the first step (the baseline of a fresh run)
-            knn_due = bool(knn_period) and ((step + 1) % knn_period == 0 or step + 1 == steps or step == 0)
-            if (step + 1) % cfg.train.log_every == 0 or step == start or step + 1 == steps or knn_due:
-                dt = time.perf_counter() - t_last
-                metrics = dist.mean_over_ranks({k: float(v.detach()) for k, v in losses.items()}, device)
-                metrics.update(lr=lr, wd=wd, mom=momentum, teacher_temp=teacher_temp, grad_norm=float(grad_norm),
-                               img_s=round(n_since * global_batch / dt, 2), s_per_step=round(dt / n_since, 4),
-                               num_broken=loader.broken.sync(), nonfinite_skips=progress.nonfinite_skips,
-                               **_memory(device))
-                if knn_due:
-                    metrics.update(_knn(meta, cfg, device))
-                    logger.info(f"step {step + 1}: " + ", ".join(f"{k} {v:.1f}" for k, v in metrics.items()
-                                                                   if k.startswith("knn_")))
-                logger.log(step + 1, metrics)
-                warning = collapse.update(step + 1, metrics["dino_target_entropy"])
-                if warning:
-                    logger.info(f"WARNING step {step + 1}: {warning}")
-                t_last, n_since = time.perf_counter(), 0
-            stop = dist.any_rank(signals.received is not None, device)
-            if stop or (step + 1) % cfg.checkpoint.period_steps == 0 or step + 1 == steps:
-                checkpointer.save(step + 1, state, config_yaml=to_yaml(cfg))
-            if stop:
-                logger.info(f"signal received: saved step {step + 1}, exiting to be resumed")
-                status = "preempted"
-                break
-        checkpointer.wait()
-    finally:
-        signals.restore()
-        logger.close()
-    if env.is_main and cfg.logging.plots and (run_dir / "metrics.jsonl").exists():
-        plot_losses(run_dir / "metrics.jsonl", run_dir / "plots" / "losses.png")
-    return TrainOutcome(status, progress.step, run_dir)
+    return Run(t, env, device, run_dir, checkpointer, state, logger, loader, start, steps, global_batch, collapse,
+               since=(time.perf_counter(), start))
+
+
+def _resume_plan(checkpointer: Checkpointer, cfg: DictConfig, resume: str, is_main: bool) -> tuple[bool, bool]:
+    """(whether the run resumes, whether the checkpoint it resumes from holds a Gram teacher); ConfigError when
+    the checkpoint may not be used."""
+    has_checkpoint = checkpointer.latest_step() is not None
+    if resume == "never" and has_checkpoint:
+        raise ConfigError(f"{checkpointer.dir.parent} already holds checkpoints and --no-resume was given; "
+                          f"choose another train.output_dir (nothing is overwritten)")
+    if resume == "never" or (resume == "auto" and not has_checkpoint):
+        return False, False
+    saved_yaml = checkpointer.read_config(None if resume == "auto" else resume)
+    changed = check_compatible(saved_yaml, cfg)
+    if changed and is_main:
+        log.warning("resuming with changed config keys: %s", ", ".join(changed))
+    return True, bool(OmegaConf.select(OmegaConf.create(saved_yaml), "gram.enabled", default=False))
+
+
+def train_step(t: Trainee, batch: dict[str, Any], step: int, info: Callable[[str], None] = log.info,
+               diagnostics: bool = True) -> dict[str, torch.Tensor]:
+    """Step `step` on `batch`: schedules, the Gram teacher when due, forward under the run's cast, a non-finite
+    loss skipped (or NonFiniteLoss), backward, clip, AdamW, EMA; then progress.step = step + 1. Returns the loss
+    terms (detached, not synced to the host) and, with `diagnostics`, the learning diagnostics. info: where its
+    messages go. Every rank calls it together."""
+    cfg, meta, progress = t.cfg, t.meta, t.progress
+    now = t.sched.at(step)
+    apply_schedules(t.optimizer, now["lr"], now["wd"], now["last_layer_lr"])
+    t.optimizer.zero_grad(set_to_none=True)
+    if t.gram is not None and t.gram.due(step):
+        t.gram.refresh(meta.teacher.backbone, step)
+        info(f"step {step}: Gram teacher taken from the EMA teacher")
+    with t.par.autocast:
+        losses = meta.losses(batch, now["teacher_temp"], t.par.student_forward, t.gram, diagnostics)
+    loss = losses["loss"]
+    if dist.any_rank(not bool(torch.isfinite(loss)), loss.device):
+        progress.nonfinite_skips += 1
+        values = {k: float(v.detach()) for k, v in losses.items()}
+        if cfg.train.nonfinite == "stop" or progress.nonfinite_skips > cfg.train.max_nonfinite_skips:
+            raise NonFiniteLoss(f"non-finite loss at step {step}: {values} "
+                                f"({progress.nonfinite_skips} non-finite step(s) so far)")
+        info(f"step {step}: non-finite loss {values}, step skipped "
+             f"({progress.nonfinite_skips}/{cfg.train.max_nonfinite_skips})")
+        loss.backward()  # keeps DDP's gradient hooks in step on every rank; the gradients are dropped
+        t.optimizer.zero_grad(set_to_none=True)
+    else:
+        loss.backward()
+        t.grad_norm = _clip(meta, cfg.optim.clip_grad)
+        t.optimizer.step()
+        meta.update_teacher(now["momentum"])
+    progress.step = step + 1
+    return {k: v.detach() for k, v in losses.items()}
+
+
+def _log(run: Run, step: int, losses: dict[str, torch.Tensor], knn_due: bool) -> None:
+    """A metrics line after `step` (losses averaged over ranks, schedules, speed, broken files, memory, the k-NN
+    when due), and the collapse detector's look at it."""
+    t, now, (t_last, s_last) = run.trainee, run.trainee.sched.at(step), run.since
+    dt, n = time.perf_counter() - t_last, step + 1 - s_last
+    metrics = dist.mean_over_ranks({k: float(v) for k, v in losses.items()}, run.device)
+    metrics.update(lr=now["lr"], wd=now["wd"], mom=now["momentum"], teacher_temp=now["teacher_temp"],
+                   grad_norm=float(t.grad_norm), img_s=round(n * run.global_batch / dt, 2), s_per_step=round(dt / n, 4),
+                   num_broken=run.loader.broken.sync(), nonfinite_skips=t.progress.nonfinite_skips,
+                   **_memory(run.device))
+    if knn_due:
+        metrics.update(_knn(t.meta, t.cfg, run.device))
+        run.logger.info(f"step {step + 1}: " + ", ".join(f"{k} {v:.1f}" for k, v in metrics.items()
+                                                         if k.startswith("knn_")))
+    run.logger.log(step + 1, metrics)
+    warning = run.collapse.update(step + 1, metrics["dino_target_entropy"])
+    if warning:
+        run.logger.info(f"WARNING step {step + 1}: {warning}")
+    run.since = (time.perf_counter(), step + 1)
+
+
+def _save_or_stop(run: Run, step: int, signals: SignalFlag) -> bool:
+    """Save after `step` every checkpoint.period_steps, at the end, and when any rank received a preemption
+    signal; True: stop now (preempted)."""
+    stop = dist.any_rank(signals.received is not None, run.device)
+    if stop or (step + 1) % run.trainee.cfg.checkpoint.period_steps == 0 or step + 1 == run.steps:
+        run.checkpointer.save(step + 1, run.state, config_yaml=to_yaml(run.trainee.cfg))
+    if stop:
+        run.logger.info(f"signal received: saved step {step + 1}, exiting to be resumed")
+    return stop
 
 
 def _build_meta(cfg: DictConfig) -> SSLMetaArch:

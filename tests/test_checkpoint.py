@@ -201,6 +201,30 @@ def test_stateful_train_entry_tolerates_other_world_size(tmp_path, caplog):
     assert "train.rng" in caplog.text
 
 
+def test_the_runs_broken_files_survive_a_resume_and_older_checkpoints_still_load(tmp_path):
+    """The trainer's Progress keeps the run's record of broken files: a resumed run counts a file met before it
+    once; a checkpoint from before the record loads with an empty one (and says so)."""
+    from dinospec.checkpoint_state import Progress as RunProgress
+
+    before = RunProgress(torch.device("cpu"))
+    before.step = 3
+    before.broken.add([("a.jpg", "file not found"), ("b.jpg", "OSError: truncated")])
+    Checkpointer(tmp_path / "new").save(3, {"train": before})
+    resumed = RunProgress(torch.device("cpu"))
+    assert Checkpointer(tmp_path / "new").load({"train": resumed}) == 3
+    resumed.broken.add([("a.jpg", "file not found"), ("c.jpg", "file not found")])
+    assert resumed.broken.sync() == 3 and sorted(resumed.broken.known) == ["a.jpg", "b.jpg", "c.jpg"]
+
+    class OldProgress(RunProgress):
+        def state_dict(self):
+            return {k: v for k, v in super().state_dict().items() if k != "broken_files"}
+
+    Checkpointer(tmp_path / "old").save(2, {"train": OldProgress(torch.device("cpu"))})
+    ckpt, resumed = Checkpointer(tmp_path / "old"), RunProgress(torch.device("cpu"))
+    assert ckpt.load({"train": resumed}) == 2 and resumed.broken.sync() == 0
+    assert ckpt.last_load_skipped == ["train.broken_files (not saved)"]
+
+
 def test_load_model_state_prefix_without_process_group(tmp_path):
     _, saved = _save_steps(tmp_path, [1])
     weights = load_model_state(tmp_path, prefix="blocks.1.")

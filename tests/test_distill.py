@@ -13,6 +13,7 @@ import torch
 
 from conftest import photos_dir, run_cli, tiny_overrides
 from dinospec.checkpoint import load_model_state
+from dinospec.checkpoint_state import ModelState
 from dinospec.config import ConfigError, load_config
 from dinospec.data.loader import build_ssl_loader
 from dinospec.export import load_backbone, save_backbone
@@ -20,7 +21,7 @@ from dinospec.models.vit import build_backbone
 from dinospec.ssl.distill import DistillMetaArch, MultiStudent
 from dinospec.ssl.losses import sinkhorn_knopp_teacher
 from dinospec.ssl.meta_arch import SSLMetaArch
-from dinospec.trainer import ModelState, _build_optimizer, _clip
+from dinospec.trainer import _build_optimizer, _clip
 from resume_harness import differences, final_state
 
 # a teacher wider than the tiny students, without LayerScale (at LayerScale's 1e-5 init an untrained backbone gives

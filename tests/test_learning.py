@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -97,6 +98,24 @@ def test_the_diagnostics_tell_a_dead_cls_head_from_a_live_one_in_real_training(t
     assert "the DINO targets have been uniform" not in printed["live"]
     # the short-run momentum warning: 4 steps at DINOv2's 0.992 leave ~100% of the init in the teacher
     assert "holds" in printed["live"] and "teacher.momentum_teacher <=" in printed["live"]
+
+
+def test_diagnostics_are_computed_only_when_asked_and_change_nothing_in_training(tmp_path: Path):
+    """The trainer asks for the diagnostics at its log steps only; with or without them a step is bitwise the same."""
+    from dinospec.data.loader import build_ssl_loader
+    from dinospec.ssl.meta_arch import SSLMetaArch
+    from dinospec.trainer import Trainee, train_step
+
+    cfg = load_config([], tiny_overrides(tmp_path, photos_dir()))
+    batches = list(itertools.islice(build_ssl_loader(cfg), 2))
+    weights = []
+    for diagnostics in (True, False):
+        torch.manual_seed(0)
+        t = Trainee.build(cfg, SSLMetaArch(cfg), torch.device("cpu"))
+        out = [train_step(t, batch, step, diagnostics=diagnostics) for step, batch in enumerate(batches)]
+        assert ("dino_target_entropy" in out[1]) == diagnostics and t.progress.step == 2 and t.grad_norm > 0
+        weights.append(t.meta.state_dict())
+    assert all(torch.equal(v, weights[1][k]) for k, v in weights[0].items())
 
 
 def test_demo_pretraining_images_are_real_and_disjoint_from_the_evaluation_sample(tmp_path: Path):

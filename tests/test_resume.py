@@ -26,8 +26,9 @@ from typing import Any
 import pytest
 import torch
 
-from resume_harness import (TOTAL_STEPS, Job, checkpoint_state, differences, final_state, flatten, kill_at_random,
-                            published_step, run_to_end, train_args, wait_for_step)
+from conftest import photos_dir, tiny_overrides
+from resume_harness import (GLOBAL_BATCH, TOTAL_STEPS, Job, checkpoint_state, differences, final_state, flatten,
+                            kill_at_random, published_step, run_to_end, train_args, wait_for_step)
 
 from dinospec.checkpoint import load_model_state, verify_checkpoint
 from dinospec.cli import EXIT_PREEMPTED
@@ -162,6 +163,28 @@ def test_transient_nonfinite_loss_is_skipped_and_the_count_survives_resume(tmp_p
     assert int(checkpoint_state(run / "checkpoints" / "step_4")["train.nonfinite_skips"]) == 2
 
 
+def test_broken_files_are_counted_and_logged_once_over_a_resume(tmp_path: Path) -> None:
+    """Every step is a whole pass over 6 photos and 2 broken files: the run meets both before its checkpoint and
+    again after the resume, which knows them from the checkpoint (train.broken_files) and neither counts nor logs
+    them again."""
+    data, run = tmp_path / "data", tmp_path / "run"
+    data.mkdir()
+    for photo in photos_dir().glob("*.jpg"):
+        shutil.copy(photo, data / photo.name)
+    (data / "b_empty.jpg").write_bytes(b"")
+    (data / "b_text.jpg").write_text("this is not a JPEG\n")
+    assert len(list(data.glob("*.jpg"))) == GLOBAL_BATCH
+    logs = [run_to_end(["train", *tiny_overrides(run, data, **{"train.max_steps": steps, "checkpoint.period_steps": 3,
+                                                               "compute.num_threads": 1})], 1, tmp_path / f"{steps}.log")
+            for steps in (3, 6)]
+    assert _start_step(logs[1]) == 3
+    saved = json.loads(checkpoint_state(run / "checkpoints" / "step_3")["train.broken_files"])
+    assert sorted(Path(p).name for p in saved) == ["b_empty.jpg", "b_text.jpg"]
+    assert [r["num_broken"] for r in _records(run)] == [2] * 6
+    for name in ("b_empty.jpg", "b_text.jpg"):
+        assert sum(len(re.findall(f"skipping broken image .*{name}", log)) for log in logs) == 1, logs[1][-3000:]
+
+
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path: Path,
                                                                   reference: dict[str, Any]) -> None:
     run = tmp_path / "run"
@@ -191,7 +214,7 @@ def test_two_rank_checkpoint_resumes_on_one_rank(tmp_path: Path, two_rank_run: P
     from dinospec.config import load_config
     from dinospec.ssl.meta_arch import SSLMetaArch
     from dinospec.ssl.optim import build_optimizer
-    from dinospec.trainer import ModelState, OptimState, Progress
+    from dinospec.checkpoint_state import ModelState, OptimState, Progress
 
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)

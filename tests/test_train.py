@@ -11,8 +11,7 @@ import torch
 
 from conftest import knn_overrides, photos_dir, run_cli, run_torchrun, tiny_overrides
 from dinospec.checkpoint import load_model_state
-from dinospec.config import ConfigError, load_config
-from dinospec.trainer import check_compatible
+from dinospec.config import ConfigError, check_compatible, load_config
 
 
 def _losses(run_dir: Path) -> list[float]:

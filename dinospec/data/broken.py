@@ -18,7 +18,8 @@ Report = tuple[str, str]  # (path, or shard:member, or a whole shard's path; rea
 
 
 class BrokenFiles:
-    """Distinct broken files of this run (this process's lifetime): reported -> pending -> merged at sync."""
+    """Distinct broken files of this run: reported -> pending -> merged at sync (`known` is checkpointed with the
+    run's progress, dinospec.checkpoint_state.Progress)."""
 
     def __init__(self) -> None:
         self.known: dict[str, str] = {}  # path -> reason, merged over ranks

@@ -134,10 +134,10 @@ class SSLLoader:
     """
 
     def __init__(self, samples: MultiCropSamples, sampler: ShardedStreamSampler, num_workers: int = 0,
-                 pin_memory: bool = False):
+                 pin_memory: bool = False, broken: BrokenFiles | None = None):
         self.samples = samples
         self.sampler = sampler
-        self.broken = BrokenFiles()
+        self.broken = BrokenFiles() if broken is None else broken  # the run's record (a resumed run's too)
         self._position = sampler.position
         self._loader = DataLoader(samples, batch_sampler=sampler, num_workers=num_workers,
                                   collate_fn=collate_multicrop, pin_memory=pin_memory,
@@ -199,9 +199,10 @@ def build_images_and_stream(data_cfg, seed: int) -> tuple[ImageDataset, SourceSt
     return ConcatImages(parts), MixtureStream(streams, [float(src.get("weight", 1.0)) for src in sources], seed)
 
 
-def build_ssl_loader(cfg, rank: int = 0, world_size: int = 1, start_step: int = 0) -> SSLLoader:
+def build_ssl_loader(cfg, rank: int = 0, world_size: int = 1, start_step: int = 0,
+                     broken: BrokenFiles | None = None) -> SSLLoader:
     """The rank's loader for run config `cfg` (data.*, crops.*, ibot.*, student.patch_size, train.*), starting at
-    global step `start_step`."""
+    global step `start_step`, reporting broken files into `broken` (the run's record; default: a new one)."""
     images, stream = build_images_and_stream(cfg.data, cfg.train.seed)
     grid = cfg.crops.global_crops_size // cfg.student.patch_size
     masker = SampleMasker((grid, grid), cfg.ibot.mask_sample_probability, tuple(cfg.ibot.mask_ratio_min_max))
@@ -214,4 +215,4 @@ def build_ssl_loader(cfg, rank: int = 0, world_size: int = 1, start_step: int = 
     log.info("data: %d images from %s (%s, order %s), %d classes; rank %d/%d takes %d per step", len(images),
              what, type(images).__name__, cfg.data.order, len(images.classes), rank, world_size, b)
     pin = bool(cfg.data.pin_memory) and torch.cuda.is_available()
-    return SSLLoader(samples, sampler, num_workers=cfg.data.num_workers, pin_memory=pin)
+    return SSLLoader(samples, sampler, num_workers=cfg.data.num_workers, pin_memory=pin, broken=broken)

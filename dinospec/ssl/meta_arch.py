@@ -134,10 +134,11 @@ class SSLMetaArch(nn.Module):
 
     def losses(self, batch: dict[str, Any], teacher_temp: float,
                student_forward: Callable[..., Any] | None = None,
-               gram: GramAnchor | None = None) -> dict[str, Tensor]:
-        """All loss terms, their weighted total and the learning diagnostics (dinospec.ssl.diagnostics) for one
-        batch (student_forward: the DDP-wrapped student; gram: the run's Gram anchor, whose term counts once its
-        teacher has been taken). Only "loss" carries gradient."""
+               gram: GramAnchor | None = None, diagnostics: bool = True) -> dict[str, Tensor]:
+        """All loss terms, their weighted total and (diagnostics=True, as at the trainer's log steps: they are read
+        only there) the learning diagnostics (dinospec.ssl.diagnostics) for one batch (student_forward: the
+        DDP-wrapped student; gram: the run's Gram anchor, whose term counts once its teacher has been taken). Only
+        "loss" carries gradient."""
         cfg = self.cfg
         masks = batch["masks"]
         dino_t, ibot_t, teacher_out = self.teacher_targets(batch["global_crops"], masks, teacher_temp)
@@ -150,8 +151,9 @@ class SSLMetaArch(nn.Module):
         if gram is not None and gram.active:
             terms["gram_loss"] = gram.loss(outs[0]["patch"], batch["global_crops"], masks)
             total = total + cfg.gram.loss_weight * terms["gram_loss"]
-        diagnostics = dino_diagnostics(teacher_out["cls"], teacher_out["dino_global"], dino_t)
-        return {"loss": total, **terms, **diagnostics}
+        if diagnostics:
+            terms.update(dino_diagnostics(teacher_out["cls"], teacher_out["dino_global"], dino_t))
+        return {"loss": total, **terms}
 
     def student_terms(self, out: dict[str, Tensor], dino_t: Tensor, ibot_t: Tensor, masks: Tensor,
                       suffix: str = "") -> tuple[Tensor, dict[str, Tensor]]:
