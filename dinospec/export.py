@@ -32,6 +32,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from dinospec.models.spec_ranges import explicit_config, vanilla_config
 from dinospec.models.specialize import SpecError, routed_to_vanilla
 from dinospec.models.vit import VisionTransformer, arch_kwargs, build_backbone
 from dinospec.weight_formats import DINOV3_NORM_GROUPS, ImportedWeights, infer_student
@@ -122,7 +123,8 @@ def export_config(student: Mapping[str, Any], spec: Mapping[str, Any], img_size:
     resolved = {key: student[key] for key in _STUDENT_KEYS if key in student}  # older exports lack newer keys
     resolved.update(arch_kwargs(student), drop_path_rate=0.0)
     return {"format": "dinospec", "format_version": FORMAT_VERSION, "dinospec_version": _version(),
-            "student": resolved, "img_size": img_size, "spec": _plain(spec), "source": _plain(source or {})}
+            "student": resolved, "img_size": img_size, "spec": explicit_config(_plain(spec), resolved["depth"]),
+            "source": _plain(source or {})}
 
 
 def _write_dir(out_dir: Path, state: Mapping[str, Tensor], config: dict[str, Any], readme: str,
@@ -181,7 +183,7 @@ def save_backbone(model: VisionTransformer, out_dir: str | Path, student: Mappin
         except SpecError as e:
             raise ExportError(f"--format timm needs a vanilla backbone (timm has no token-type routing): {e}") from None
         with torch.device("meta"):  # the vanilla twin (one token group = no routing), to name timm's arguments
-            twin = build_backbone(config["student"], {**config["spec"], "groups": [["cls", "reg", "patch"]]}, img_size)
+            twin = build_backbone(config["student"], vanilla_config(config["spec"]), img_size)
         name, kwargs = timm_model_args(twin)
         config.update(format="timm", timm={"model_name": name, "kwargs": kwargs})
         state = to_timm_state_dict(vanilla)
@@ -326,7 +328,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     config = json.loads((out / CONFIG_FILE).read_text())
     src = config["source"]
-    spec = "vanilla" if _is_vanilla(config["spec"]) else "specialised"
+    spec = "vanilla" if _is_vanilla(config) else "specialised"
     if "weights" in src:
         st = config["student"]
         print(f"exported {src['weights']} ({src['family']} weights) as a {spec} backbone (embed_dim {st['embed_dim']}, "
@@ -340,10 +342,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _is_vanilla(spec: Mapping[str, Any]) -> bool:
-    from dinospec.models.specialize import resolve_spec
+def _is_vanilla(config: Mapping[str, Any]) -> bool:
+    from dinospec.models.spec_ranges import resolve_spec
 
-    return resolve_spec(spec, 1_000).is_vanilla
+    return resolve_spec(config["spec"], config["student"]["depth"]).is_vanilla
 
 
 # ----------------------------------------------------------------------------------------------------------------

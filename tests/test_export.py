@@ -15,6 +15,7 @@ from dinospec.checkpoint import Checkpointer
 from dinospec.cli import main as cli_main
 from dinospec.config import as_container, load_config, to_yaml
 from dinospec.export import ExportError, export_run, export_weights, load_backbone, save_backbone
+from dinospec.models.spec_ranges import explicit_config
 from dinospec.models.specialize import vanilla_to_routed
 from dinospec.models.vit import VisionTransformer, build_backbone
 from dinospec.weight_formats import canonical_keys
@@ -106,7 +107,10 @@ def test_export_round_trip_is_bit_exact(tmp_path, spec, capsys):
     assert config["source"]["step"] == 7 and config["source"]["which"] == "teacher"
     assert config["student"]["embed_dim"] == 32 and config["student"]["depth"] == 3
     assert config["student"]["num_register_tokens"] == 2 and config["img_size"] == IMG
-    assert config["spec"] == as_container(cfg.spec)
+    # the spec as block indices: its meaning does not depend on the range parser of the version that loads it
+    assert config["spec"] == explicit_config(as_container(cfg.spec), 3)
+    assert all(set(v) <= set("0123456789,") or v == "none" for k, v in config["spec"].items()
+               if k not in ("groups", "final_norm"))
     assert not any(p.suffix in (".pth", ".pt", ".pkl") for p in out.iterdir())
 
     # the student, by explicit step, is a different backbone
@@ -303,7 +307,7 @@ def test_export_straight_from_a_dinov2_checkpoint(tmp_path, dinov2_vits14, capsy
     config = json.loads((out / "config.json").read_text())
     assert config["student"]["arch"] == "vit_small" and config["img_size"] == 42
     assert config["student"]["interpolate_offset"] == 0.0 and config["student"]["interpolate_antialias"] is True
-    assert config["spec"]["qkv"] == "first_third" and config["source"]["family"] == "dinov2_reg"
+    assert config["spec"]["qkv"] == "0,1,2,3" and config["source"]["family"] == "dinov2_reg"  # first third of 12
     model = load_backbone(out)
     assert any(".qkv.1." in k for k in model.state_dict())
     x = images(size=42)
@@ -330,7 +334,8 @@ def test_export_from_an_export_dir_converts_the_spec(tmp_path):
         assert_same_features(source, loaded, images(), atol=1e-5)
         assert_same_features(source, loaded, images(size=64), atol=1e-5)
     config = json.loads((qkv / "config.json").read_text())
-    assert config["spec"]["qkv"] == "all" and config["spec"]["norm1"] == "all"  # paper's, kept
+    every_block = ",".join(map(str, range(cfg.student.depth)))
+    assert config["spec"]["qkv"] == every_block and config["spec"]["norm1"] == every_block  # paper's, kept
     assert config["source"] == {"weights": str(paper.resolve()), "family": "dinospec"}
     # refusals: one line, exit 2
     assert cli_main(["export", str(vanilla), "model=vit_large", "--out", str(tmp_path / "x")]) == 2

@@ -79,6 +79,14 @@ def vanilla_config(spec: Mapping[str, Any] | None = None) -> dict[str, Any]:
             "final_norm": False}
 
 
+def explicit_config(spec: Mapping[str, Any], depth: int) -> dict[str, Any]:
+    """`spec` with every block range written as its block indices ("0,1,2" or "none") for `depth` blocks: what an
+    export stores, so its meaning does not depend on the range parser of the version that loads it."""
+    resolved = resolve_spec(spec, depth)
+    ranges = {kind: ",".join(map(str, sorted(blocks))) or "none" for kind, blocks in resolved.blocks.items()}
+    return {**ranges, "groups": [list(g) for g in spec["groups"]], "final_norm": resolved.final_norm}
+
+
 def vanilla_spec() -> ResolvedSpec:
     """The empty spec, resolved: every layer shared by all tokens."""
     return resolve_spec(vanilla_config(), depth=1)
