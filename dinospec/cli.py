@@ -81,7 +81,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 # imported only for their own subcommand, and must read and check their config before importing torch.
 COMMANDS: dict[str, tuple[str, str]] = {
     "submit": ("dinospec.launch", "submit a training job to SLURM through submitit (requeues itself)"),
-    "export": ("dinospec.export", "export a run's teacher backbone as safetensors + config.json"),
+    "export": ("dinospec.export_cmd", "export a run's teacher backbone as safetensors + config.json"),
     "eval": ("dinospec.eval.cli", "k-NN, linear or segmentation-probe evaluation of a frozen backbone"),
     "analyze": ("dinospec.analysis", "the paper's token-type analyses and PCA pictures of a backbone"),
     "index": ("dinospec.data.index_cmd", "index a directory of tar shards once (start-up then reads the index)"),

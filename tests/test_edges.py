@@ -93,14 +93,20 @@ def test_eval_refuses_missing_paths_before_importing_torch(tmp_path, no_torch, a
     assert time.perf_counter() - start < 2.0
 
 
-@pytest.mark.parametrize("args,rc,stream,message", [(["--help"], 0, "stdout", "--backbone DIR_OR_RUN"),
-                                                     (["--backbone", "x", "--out", "y", "--max-images", "many"], 2,
-                                                      "stderr", "--max-images: invalid int value: 'many'")])
-def test_analyze_parses_its_arguments_without_importing_torch(tmp_path, no_torch, args, rc, stream, message):
-    """`dinospec analyze` imports torch (its measurements and plots) only once its arguments are parsed."""
+@pytest.mark.parametrize("command,args,rc,stream,message", [
+    ("analyze", ["--help"], 0, "stdout", "--backbone DIR_OR_RUN"),
+    ("analyze", ["--backbone", "x", "--out", "y", "--max-images", "many"], 2, "stderr",
+     "--max-images: invalid int value: 'many'"),
+    ("export", ["--help"], 0, "stdout", "--img-size"),
+    ("export", ["runs/x", "--out", "y", "--step", "two"], 2, "stderr", "--step: invalid int value: 'two'"),
+])
+def test_commands_parse_their_arguments_without_importing_torch(tmp_path, no_torch, command, args, rc, stream,
+                                                                 message):
+    """`dinospec analyze` and `export` import torch (measurements, plots, weights) only once their arguments are
+    parsed."""
     env = {**os.environ, "PYTHONPATH": f"{no_torch}{os.pathsep}{REPO}"}
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "dinospec.cli", "analyze", *args], cwd=tmp_path, env=env,
+    proc = subprocess.run([sys.executable, "-m", "dinospec.cli", command, *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == rc and message in getattr(proc, stream), proc.stdout + proc.stderr
     assert "torch imported" not in proc.stderr and list(tmp_path.iterdir()) == []
