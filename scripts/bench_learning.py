@@ -155,7 +155,10 @@ def pretrain_and_probe(folders: dict[str, Path], out: Path, spec: str, seed: int
     result: dict[str, Any] = {"spec": spec, "seed": seed, "steps": steps, "step0": probe_backbone(init, folders, img)}
     del init
     print(f"[{spec} seed {seed}] step 0: {result['step0']}", flush=True)
-    train(cfg)  # a run dir that already holds the last checkpoint resumes there: only the probes run again
+    outcome = train(cfg)  # a run dir that already holds the last checkpoint resumes there: only the probes run again
+    if outcome.status != "finished":  # preempted (SIGTERM): probing a partial run as the result would mislead
+        sys.exit(f"[{spec} seed {seed}] stopped at step {outcome.step} of {steps} ({outcome.status}); rerun the same "
+                 f"command to resume it")
     curve = {}
     for step_dir in sorted((out / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1])):
         step = int(step_dir.name.split("_")[1])
