@@ -203,3 +203,16 @@ def test_cli_config_error_exits_2():
     assert proc.stderr.startswith("dinospec: config error: unknown config key 'optim.lrr'"), proc.stderr
     assert "did you mean 'optim.min_lr'" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+@pytest.mark.parametrize("path", ["recipe/fashion_mnist.yaml", "demo.yaml"])
+def test_small_scale_recipes_keep_their_documented_choices(path):
+    """The CPU recipes that BENCHMARKS.md measures: LayerScale 0.1, teacher temperature 0.04, and a teacher momentum
+    that leaves at most 5% of the random init in the teacher at their last step (a longer or shorter run must refit
+    it: README "Runs that learn at small scale")."""
+    from dinospec.ssl.schedules import momentum_for_run
+
+    cfg = load_config([CONFIG_DIR / path])
+    steps = cfg.optim.epochs * cfg.train.official_epoch_length
+    assert cfg.student.layerscale == 0.1 and cfg.teacher.teacher_temp == 0.04
+    assert cfg.teacher.momentum_teacher <= momentum_for_run(steps) + 5e-4, (steps, momentum_for_run(steps))
