@@ -8,13 +8,8 @@ import logging
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.checkpoint.stateful import Stateful
 
 from dinospec import dist
@@ -66,10 +61,9 @@ class OptimState(Stateful):
 
 
 class Progress(Stateful):
-    """Step, skip count, the run's broken files and every rank's RNG: what makes a resumed run continue the same
-    run (the data position follows from `step`: the loader is rebuilt there). `broken` is the record the run's
-    loader reports into, so each broken file counts once over resumes too; checkpoints from before it load with
-    an empty record."""
+    """Step, skip count, the run's broken files (the record its loader reports into: each counts once over resumes
+    too; older checkpoints load with an empty one) and every rank's RNG: what makes a resumed run continue the same
+    run (the data position follows from `step`: the loader is rebuilt there)."""
 
     def __init__(self, device: torch.device):
         self.step = 0

@@ -45,7 +45,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dinospec.cli import EXIT_PREEMPTED, add_config_args
-from dinospec.config import ConfigError, RunConfig, load_config, to_yaml, validate
+from dinospec.config import ConfigError, RunConfig, check_compatible, load_config, to_yaml, validate
 from dinospec.run_lease import TOKEN_ENV, RunLease, local_process, queued_job, this_process
 
 LOG_DIR = "slurm"  # submitit's job folder inside the run directory
@@ -458,7 +458,6 @@ def resume_step(cfg: DictConfig) -> int | None:
     if not (Path(cfg.train.output_dir) / "checkpoints").is_dir():
         return None  # a fresh run: no need to import torch
     from dinospec.checkpoint import Checkpointer, CheckpointError
-    from dinospec.config import check_compatible
 
     checkpointer = Checkpointer(cfg.train.output_dir)
     step = checkpointer.latest_step()

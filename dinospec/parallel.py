@@ -17,56 +17,31 @@ from dinospec.dist import world_size
 
 @dataclass
 class Parallel:
-    """The applied choices: what runs the student's forward (the DDP wrapper or the student itself) and the cast
-    around each forward (nullcontext where FSDP2 casts, or in fp32)."""
+    """What runs the student's forward (the DDP wrapper or the student) and the cast around every forward."""
 
     student_forward: Callable[..., Any]
-    autocast: AbstractContextManager
-    strategy: str  # "none" | "ddp" | "fsdp"
-    dtype: torch.dtype | None
+    autocast: AbstractContextManager  # nullcontext where FSDP2 casts, or in fp32
 
 
 def configure_process(cfg: DictConfig) -> None:
-    """Threads and determinism, before anything is built."""
-    torch.set_num_threads(num_threads(cfg))
+    """Intra-op threads (compute.num_threads, else OMP_NUM_THREADS as the user, torchrun or a SLURM script set it,
+    else this node's cores per rank less the data workers) and determinism, before anything is built."""
+    threads = cfg.compute.num_threads
+    if threads is None and "OMP_NUM_THREADS" in os.environ:
+        threads = int(os.environ["OMP_NUM_THREADS"])
+    elif threads is None:
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1")).split("(")[0])
+        threads = (os.cpu_count() or 1) // max(1, ranks_here) - cfg.data.num_workers
+    torch.set_num_threads(max(1, threads))
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def num_threads(cfg: DictConfig) -> int:
-    if cfg.compute.num_threads is not None:
-        return max(1, cfg.compute.num_threads)
-    if "OMP_NUM_THREADS" in os.environ:  # set by the user, torchrun or SLURM job scripts: respect it
-        return max(1, int(os.environ["OMP_NUM_THREADS"]))
-    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1")).split("(")[0])
-    return max(1, (os.cpu_count() or 1) // max(1, ranks_here) - cfg.data.num_workers)
-
-
-def precision(cfg: DictConfig, device: torch.device) -> torch.dtype | None:
-    p = cfg.compute.precision
-    if p == "auto":
-        p = "bf16" if device.type == "cuda" else "fp32"
-    return torch.bfloat16 if p == "bf16" else None
-
-
 def resolve_strategy(strategy: str, device: torch.device) -> str:
-    """auto: FSDP2 on GPU with several ranks, DDP on CPU with several ranks, a plain module alone."""
-    if strategy != "auto":
-        return strategy if world_size() > 1 or strategy == "none" else "none"
-    if world_size() == 1:
+    """auto: FSDP2 on GPU with several ranks, DDP on CPU with several ranks; a plain module alone."""
+    if world_size() == 1 or strategy == "none":
         return "none"
-    return "fsdp" if device.type == "cuda" else "ddp"
-
-
-def shard_fsdp2(module: nn.Module, blocks: list[nn.Module], mixed_precision: bool) -> None:
-    """FSDP2 in place: each block a unit, then the root (torchtitan's order); bf16 params, fp32 reductions."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else None
-    kwargs = {"mp_policy": mp} if mp is not None else {}
-    for block in blocks:
-        fully_shard(block, **kwargs)
-    fully_shard(module, **kwargs)
+    return strategy if strategy != "auto" else "fsdp" if device.type == "cuda" else "ddp"
 
 
 def _blocks(part: nn.Module) -> list[nn.Module]:
@@ -75,18 +50,21 @@ def _blocks(part: nn.Module) -> list[nn.Module]:
 
 
 def wrap(meta: Any, cfg: DictConfig, strategy: str, device: torch.device, dtype: torch.dtype | None) -> Any:
-    """Compile, then shard (FSDP2) or wrap (DDP) the student and EMA teacher; return the student's forward.
-    A distillation teacher stays a plain replicated module (compiled with the rest)."""
-    frozen = getattr(meta, "distill_teacher", None)
+    """Compile, then FSDP2 (each block a unit, then the root; bf16 params, fp32 reductions) or DDP for the
+    student and EMA teacher; return the student's forward. A distillation teacher stays a plain replicated module
+    (compiled with the rest)."""
+    frozen = getattr(meta, "distill_teacher", None)  # a module, never falsy
     if cfg.compute.compile:
-        for part in (meta.student, meta.teacher):
-            for block in _blocks(part):
-                block.compile()
-        for block in frozen.backbone.blocks if frozen is not None else ():
+        for block in [*_blocks(meta.student), *_blocks(meta.teacher), *(frozen.backbone.blocks if frozen else ())]:
             block.compile()
     if strategy == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)} \
+            if dtype is not None else {}
         for part in (meta.student, meta.teacher):
-            shard_fsdp2(part, _blocks(part), mixed_precision=dtype is not None)
+            for unit in [*_blocks(part), part]:
+                fully_shard(unit, **mp)
         if frozen is not None:  # FSDP2 casts the students only; autocast casts the teacher's forward alike
             meta.autocast_dtype = dtype
         return meta.student
@@ -100,8 +78,8 @@ def wrap(meta: Any, cfg: DictConfig, strategy: str, device: torch.device, dtype:
 
 def parallelize(meta: Any, cfg: DictConfig, device: torch.device) -> Parallel:
     """compute.precision / strategy / compile applied to a built (and loaded) SSLMetaArch."""
-    dtype, strategy = precision(cfg, device), resolve_strategy(cfg.compute.strategy, device)
-    forward = wrap(meta, cfg, strategy, device, dtype)
+    p = cfg.compute.precision if cfg.compute.precision != "auto" else "bf16" if device.type == "cuda" else "fp32"
+    dtype, strategy = torch.bfloat16 if p == "bf16" else None, resolve_strategy(cfg.compute.strategy, device)
     # FSDP2 casts through its MixedPrecisionPolicy; otherwise autocast does (bf16 on GPU by default)
     cast = torch.autocast(device.type, dtype=dtype) if dtype is not None and strategy != "fsdp" else nullcontext()
-    return Parallel(forward, cast, strategy, dtype)
+    return Parallel(wrap(meta, cfg, strategy, device, dtype), cast)

@@ -8,8 +8,8 @@ A run directory holds config.yaml, metrics.jsonl, checkpoints/ and plots/. Train
 checkpoint of its run directory by default; a preemption signal (SIGTERM, SIGUSR1, SIGUSR2) finishes the current
 step, saves and returns status "preempted" (`dinospec train` then exits with dinospec.cli.EXIT_PREEMPTED).
 
-`set_up` builds a run once; `train_step` is one optimizer step (scripts call it too, on a `Trainee.build(cfg, meta,
-device)` of their own); `_log` (with the k-NN when due) and `_save_or_stop` are the periodic actions.
+`set_up` builds a run; `train_step` is one step (scripts call it on a `Trainee.build(cfg, meta, device)` of their
+own); `_log` (with the k-NN when due) and `_save_or_stop` are the periodic actions.
 """
 
 from __future__ import annotations
@@ -79,6 +79,12 @@ class Trainee:
         return cls(cfg, meta, parallelize(meta, cfg, device), _build_optimizer(meta, cfg),
                    build_schedules(cfg, None, cfg.train.batch_size_per_gpu * world_size), Progress(device), gram)
 
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint holds (a Gram teacher's weights too: frozen since their step, not recomputable)."""
+        state = {"model": ModelState(self.meta), "optim": OptimState(self.meta.student, self.optimizer),
+                 "train": self.progress}
+        return state if self.gram is None else {**state, "gram": self.gram}
+
 
 @dataclass
 class Run:
@@ -89,7 +95,6 @@ class Run:
     device: torch.device
     run_dir: Path
     checkpointer: Checkpointer
-    state: dict[str, Any]  # what a checkpoint holds
     logger: MetricsLogger
     loader: SSLLoader
     start: int
@@ -100,16 +105,11 @@ class Run:
 
 
 class SignalFlag:
-    """Remembers a preemption signal; the loop checks it once per step (on every rank together)."""
+    """Remembers a preemption signal until restore(); the loop checks it once per step (on every rank together)."""
 
     def __init__(self) -> None:
         self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> "SignalFlag":
-        for sig in PREEMPTION_SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in PREEMPTION_SIGNALS}
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.received = signum
@@ -167,7 +167,7 @@ def train(cfg: DictConfig, resume: str = "auto") -> TrainOutcome:
 def _train(run: Run) -> TrainOutcome:
     """The step loop: a step, then its periodic actions; the status the run ends with."""
     cfg, status, knn_period = run.trainee.cfg, "finished", run.trainee.cfg.evaluation.knn_period_steps
-    batches, signals = _batches(run.loader, run.device), SignalFlag().install()
+    batches, signals = _batches(run.loader, run.device), SignalFlag()
     try:
         for step in range(run.start, run.steps):
             # k-NN every knn_period steps, at the end, and after the first step (the baseline of a fresh run)
@@ -207,12 +207,9 @@ def set_up(cfg: DictConfig, resume: str, env: dist.DistEnv, device: torch.device
     # a frozen copy of the teacher backbone, taken at gram.start_step
     gram = GramAnchor(cfg, meta.teacher.backbone).to(device) if cfg.gram.enabled else None
     t = Trainee.build(cfg, meta, device, env.world_size, gram)
-    state = {"model": ModelState(meta), "optim": OptimState(meta.student, t.optimizer), "train": t.progress}
-    if gram is not None:
-        state["gram"] = gram  # its weights are run state: frozen since their step, not recomputable
     if resume != "never":  # a checkpoint from before Gram anchoring was on has no Gram teacher: it is taken anew
-        loadable = state if saved_gram else {k: v for k, v in state.items() if k != "gram"}
-        checkpointer.load(loadable, path=None if resume == "auto" else resume)
+        checkpointer.load({k: v for k, v in t.state().items() if k != "gram" or saved_gram},
+                          path=None if resume == "auto" else resume)
     if hasattr(meta, "check_teacher_unchanged"):
         meta.check_teacher_unchanged()
     start, steps, global_batch = t.progress.step, total_steps(cfg), cfg.train.batch_size_per_gpu * env.world_size
@@ -231,7 +228,7 @@ def set_up(cfg: DictConfig, resume: str, env: dist.DistEnv, device: torch.device
                     f"{momentum_for_run(steps):.4f} (or a longer run).")
     loader = build_ssl_loader(cfg, env.rank, env.world_size, start_step=start, broken=t.progress.broken)
     collapse = CollapseDetector(cfg.dino.head_n_prototypes, cfg.logging.collapse_patience_steps)
-    return Run(t, env, device, run_dir, checkpointer, state, logger, loader, start, steps, global_batch, collapse,
+    return Run(t, env, device, run_dir, checkpointer, logger, loader, start, steps, global_batch, collapse,
                since=(time.perf_counter(), start))
 
 
@@ -312,7 +309,7 @@ def _save_or_stop(run: Run, step: int, signals: SignalFlag) -> bool:
     signal; True: stop now (preempted)."""
     stop = dist.any_rank(signals.received is not None, run.device)
     if stop or (step + 1) % run.trainee.cfg.checkpoint.period_steps == 0 or step + 1 == run.steps:
-        run.checkpointer.save(step + 1, run.state, config_yaml=to_yaml(run.trainee.cfg))
+        run.checkpointer.save(step + 1, run.trainee.state(), config_yaml=to_yaml(run.trainee.cfg))
     if stop:
         run.logger.info(f"signal received: saved step {step + 1}, exiting to be resumed")
     return stop
