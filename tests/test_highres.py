@@ -45,6 +45,27 @@ def test_init_from_carries_everything_and_resizes_pos_embed(phase1: Path, tmp_pa
             assert torch.equal(now[k], v), k
 
 
+def test_init_from_with_rope_needs_no_resize(tmp_path: Path) -> None:
+    """RoPE has no position table: a 32-px RoPE run continued at 48 px carries every tensor as saved, and the new
+    phase's teacher computes at 48 px exactly what the source's computes there."""
+    rope = {"student.pos_embed": "rope", "train.max_steps": 2, "checkpoint.period_steps": 2}
+    source = tmp_path / "rope1"
+    run_cli(["train", *tiny_overrides(source, photos_dir(), **rope)])
+    cfg = load_config(overrides=tiny_overrides(tmp_path / "rope2", photos_dir(), **HIGH, **rope,
+                                               **{"train.init_from": str(source)}))
+    torch.manual_seed(123)
+    meta = SSLMetaArch(cfg)
+    init_from_run(meta, cfg, source)
+    saved = load_model_state(source)
+    assert not any(k.endswith("pos_embed") for k in saved)
+    assert all(torch.equal(meta.state_dict()[k], v) for k, v in saved.items())
+    source_meta = SSLMetaArch(load_config(overrides=tiny_overrides(source, photos_dir(), **rope)))
+    source_meta.load_state_dict(saved)
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        assert torch.equal(meta.teacher.backbone.eval()(x), source_meta.teacher.backbone.eval()(x))
+
+
 def test_init_from_refuses_another_model(phase1: Path, tmp_path: Path) -> None:
     cfg = load_config(overrides=tiny_overrides(tmp_path / "p2", photos_dir(), **HIGH,
                                                **{"student.embed_dim": 64, "train.init_from": str(phase1)}))
