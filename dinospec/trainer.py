@@ -33,7 +33,6 @@ from dinospec.config import ConfigError, check_compatible, to_yaml
 from dinospec.data.loader import SSLLoader, build_ssl_loader
 from dinospec.metrics import MetricsLogger, plot_losses
 from dinospec.parallel import Parallel, configure_process, parallelize
-from dinospec.parallel import wrap as _wrap  # noqa: F401  (scripts/gpu_check.py)
 from dinospec.rng import seed_all
 from dinospec.run_lease import hold_run_dir
 from dinospec.ssl.meta_arch import SSLMetaArch

@@ -1,12 +1,12 @@
 """Distillation's cost: one full training step of a student distilled from a frozen teacher, against one normal SSL
 step of the same student (its own EMA teacher giving the targets), on CPU fp32, same batch, in the same run.
 
-A step is the trainer's loop body (dinospec/trainer.py): `losses` (teacher targets, student forward), backward,
-per-part clipping, AdamW step, EMA update. Configs: `ssl` (SSLMetaArch of the recipe's student), `distill`
-(DistillMetaArch: the same student, a frozen ViT-B/16 teacher by default) and `distill_2` (a second student, the
-same size with the `paper` spec, beside it). The teacher is a randomly initialised backbone written as a dinospec
-export into a temporary directory and read back as a run reads `distill.teacher` (timing does not depend on its
-weights). Inputs: synthetic pixels of the loader's shapes with real iBOT block masks (scripts/bench_train_step.py's),
+A step is the trainer's train_step (dinospec/trainer.py): `losses` (teacher targets, student forward), backward,
+per-part clipping, AdamW step, EMA update, every config at the `ssl` recipe's schedules. Configs: `ssl` (SSLMetaArch
+of the recipe's student), `distill` (DistillMetaArch: the same student, a frozen ViT-B/16 teacher by default) and
+`distill_2` (a second student, the same size with the `paper` spec, beside it). The teacher is a randomly
+initialised backbone written as a dinospec export into a temporary directory and read back as a run reads
+`distill.teacher` (timing does not depend on its weights). Inputs: synthetic pixels of the loader's shapes with real iBOT block masks (scripts/bench_train_step.py's),
 data loading excluded. Configs are stepped in rotating order after one warm-up step each; per config the median of
 process CPU time and of wall time per step, and ratios against `ssl`. Use --threads 1 on a shared machine.
 
@@ -33,9 +33,7 @@ from dinospec.export import save_backbone  # noqa: E402
 from dinospec.models.vit import build_backbone  # noqa: E402
 from dinospec.ssl.distill import DistillMetaArch  # noqa: E402
 from dinospec.ssl.meta_arch import SSLMetaArch  # noqa: E402
-from dinospec.ssl.optim import apply_schedules  # noqa: E402
-from dinospec.ssl.schedules import build_schedules  # noqa: E402
-from dinospec.trainer import _build_optimizer, _clip  # noqa: E402
+from dinospec.trainer import Trainee, train_step  # noqa: E402
 
 CONFIGS = ("ssl", "distill", "distill_2")
 
@@ -69,23 +67,17 @@ def main() -> int:
         for name, cfg in cfgs.items():
             torch.manual_seed(0)
             metas[name] = (DistillMetaArch if cfg.distill.enabled else SSLMetaArch)(cfg)
-    optimizers = {n: _build_optimizer(m, cfgs[n]) for n, m in metas.items()}
+    trainees = {n: Trainee.build(cfgs[n], m, torch.device("cpu")) for n, m in metas.items()}
+    for t in trainees.values():  # the ssl recipe's schedules for all (the distill recipe's teacher temperature differs)
+        t.sched = trainees["ssl"].sched
     cfg = cfgs["ssl"]
-    sched = build_schedules(cfg, None, args.batch)
-    now = sched.at(cfg.optim.warmup_epochs * cfg.train.official_epoch_length + 1)  # after warmup and freeze
+    at = cfg.optim.warmup_epochs * cfg.train.official_epoch_length + 1  # after warmup and freeze
     batch = synthetic_batch(cfg)
 
     def step(name: str) -> tuple[float, float]:
-        meta, optimizer = metas[name], optimizers[name]
         w0, c0 = time.perf_counter(), time.process_time()
-        apply_schedules(optimizer, now["lr"], now["wd"], now["last_layer_lr"])
-        optimizer.zero_grad(set_to_none=True)
-        losses = meta.losses(batch, now["teacher_temp"])
+        losses = train_step(trainees[name], batch, at)
         assert ("dino_loss_s1" in losses) == (name == "distill_2")
-        losses["loss"].backward()
-        _clip(meta, cfg.optim.clip_grad)
-        optimizer.step()
-        meta.update_teacher(now["momentum"])
         return time.perf_counter() - w0, time.process_time() - c0
 
     for name in CONFIGS:  # warm-up

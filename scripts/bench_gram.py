@@ -1,7 +1,7 @@
 """Gram anchoring's cost: one full SSL training step on CPU fp32 with the Gram loss off, on (Gram teacher at the
 global crop size) and on at twice the size (the crops upsampled for the Gram teacher), same model, same batch.
 
-A step is the trainer's loop body (dinospec/trainer.py): SSLMetaArch.losses (with or without the run's GramAnchor,
+A step is the trainer's train_step (dinospec/trainer.py): SSLMetaArch.losses (with or without the run's GramAnchor,
 whose teacher has been taken), backward, per-part clipping, AdamW step, EMA teacher update. One model and optimizer
 serve every config (only the Gram term differs), so the ratios measure Gram anchoring alone. Inputs: synthetic
 pixels of the loader's shapes with real iBOT block masks (scripts/bench_train_step.py's), data loading excluded.
@@ -29,9 +29,7 @@ from bench_train_step import synthetic_batch  # noqa: E402
 from dinospec.config import CONFIG_DIR, load_config  # noqa: E402
 from dinospec.ssl.gram_teacher import GramAnchor  # noqa: E402
 from dinospec.ssl.meta_arch import SSLMetaArch  # noqa: E402
-from dinospec.ssl.optim import apply_schedules, build_optimizer  # noqa: E402
-from dinospec.ssl.schedules import build_schedules  # noqa: E402
-from dinospec.trainer import _clip  # noqa: E402
+from dinospec.trainer import Trainee, train_step  # noqa: E402
 
 CONFIGS = ("off", "on", "on_2x")
 
@@ -58,24 +56,18 @@ def main() -> int:
     grams = {"off": None, "on": GramAnchor(cfg, meta.teacher.backbone)}
     cfg2x = load_config([args.recipe], [f"spec={args.spec}", "gram.enabled=true", f"gram.img_size={2 * size}"])
     grams["on_2x"] = GramAnchor(cfg2x, meta.teacher.backbone)
+    at = cfg.optim.warmup_epochs * cfg.train.official_epoch_length + 1  # after warmup and freeze
     for g in grams.values():
-        if g is not None:
-            g.refresh(meta.teacher.backbone, 0)
-    optimizer = build_optimizer(meta.student, cfg)
-    sched = build_schedules(cfg, None, args.batch)
-    now = sched.at(cfg.optim.warmup_epochs * cfg.train.official_epoch_length + 1)  # after warmup and freeze
+        if g is not None:  # taken at the step every config runs: train_step does not take it again there
+            g.refresh(meta.teacher.backbone, at)
+    trainee = Trainee.build(cfg, meta, torch.device("cpu"))
     batch = synthetic_batch(cfg)
 
     def step(name: str) -> tuple[float, float]:
+        trainee.gram = grams[name]
         w0, c0 = time.perf_counter(), time.process_time()
-        apply_schedules(optimizer, now["lr"], now["wd"], now["last_layer_lr"])
-        optimizer.zero_grad(set_to_none=True)
-        losses = meta.losses(batch, now["teacher_temp"], None, grams[name])
+        losses = train_step(trainee, batch, at)
         assert ("gram_loss" in losses) == (name != "off")
-        losses["loss"].backward()
-        _clip(meta, cfg.optim.clip_grad)
-        optimizer.step()
-        meta.update_teacher(now["momentum"])
         return time.perf_counter() - w0, time.process_time() - c0
 
     for name in CONFIGS:  # warm-up

@@ -1,6 +1,6 @@
 """One full SSL training step on CPU fp32 as dinospec's trainer runs it, and three ways to run the student's crops.
 
-A step is the trainer's loop body (dinospec/trainer.py): SSLMetaArch.losses (teacher on the 2 global crops; student
+A step is the trainer's train_step (dinospec/trainer.py): SSLMetaArch.losses (teacher on the 2 global crops; student
 on 2 global + L local crops; DINO + iBOT heads at their config sizes; DINO, iBOT and KoLeo losses), backward, the
 trainer's per-part gradient clipping, AdamW step, EMA teacher update. Inputs are synthetic tensors of the loader's
 shapes (global (2B,3,G,G), local (LB,3,l,l)) with real iBOT block masks, so data loading is excluded. The schedules
@@ -41,7 +41,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +53,7 @@ from dinospec.config import load_config
 from dinospec.data.masking import SampleMasker
 from dinospec.models.routed import Routing, route
 from dinospec.ssl.meta_arch import SSLMetaArch, Student
-from dinospec.ssl.optim import apply_schedules, build_optimizer
-from dinospec.ssl.schedules import build_schedules
-from dinospec.trainer import _clip
+from dinospec.trainer import Trainee, train_step
 
 REPO = Path(__file__).resolve().parent.parent
 LAYOUTS = ("separate", "padded", "packed")
@@ -217,33 +215,25 @@ class OnePassStudent:
 
 
 class Bench:
-    """One spec's model, optimizer and scheduled values; `step(batch, layout)` is one training step."""
+    """One spec's trainee (dinospec.trainer.Trainee); `step(batch, layout)` is the trainer's train_step with the
+    layout's student forward, always at the step after warmup and the last-layer freeze."""
 
     def __init__(self, cfg: Any):
         torch.manual_seed(cfg.train.seed)
         self.cfg = cfg
         self.meta = SSLMetaArch(cfg)
-        self.optimizer = build_optimizer(self.meta.student, cfg)
-        epoch = cfg.train.official_epoch_length
-        sched = build_schedules(cfg, None, cfg.train.batch_size_per_gpu)
-        self.now = sched.at(max(cfg.optim.warmup_epochs, cfg.optim.freeze_last_layer_epochs) * epoch)
+        self.trainee = Trainee.build(cfg, self.meta, torch.device("cpu"))
+        self.at = max(cfg.optim.warmup_epochs, cfg.optim.freeze_last_layer_epochs) * cfg.train.official_epoch_length
+        self.par = self.trainee.par  # its student_forward: the student itself (one process, no wrapper)
         self.forwards = {"separate": None, **{k: OnePassStudent(self.meta.student, k) for k in LAYOUTS[1:]}}
 
     def losses(self, batch: dict[str, Any], layout: str) -> dict[str, Tensor]:
-        return self.meta.losses(batch, self.now["teacher_temp"], self.forwards[layout])
+        return self.meta.losses(batch, self.trainee.sched.at(self.at)["teacher_temp"], self.forwards[layout])
 
     def step(self, batch: dict[str, Any], layout: str) -> float:
-        now = self.now
-        apply_schedules(self.optimizer, now["lr"], now["wd"], now["last_layer_lr"])
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.losses(batch, layout)["loss"]
-        if not bool(torch.isfinite(loss)):
-            raise RuntimeError(f"non-finite loss {float(loss)}")
-        loss.backward()
-        _clip(self.meta, self.cfg.optim.clip_grad)
-        self.optimizer.step()
-        self.meta.update_teacher(now["momentum"])
-        return float(loss.detach())
+        """train.nonfinite=stop (the default) raises NonFiniteLoss on a non-finite loss."""
+        self.trainee.par = replace(self.par, student_forward=self.forwards[layout] or self.par.student_forward)
+        return float(train_step(self.trainee, batch, self.at)["loss"])
 
 
 def check_layouts(bench: Bench, batch: dict[str, Any]) -> list[str]:

@@ -20,9 +20,10 @@ Checks, in this order (each isolated, each with its own time budget; see CHECKS)
   compile_blocks    torch.compile of the blocks (the trainer's compute.compile) equal to eager, fp32
   compile_speed     the ViT-L SSL step compiled vs eager
 
-Everything runs dinospec's own code: SSLMetaArch, trainer._wrap (autocast / FSDP2 / compile), trainer._clip,
-build_optimizer, the schedules, trainer's ModelState / OptimState / Progress and dinospec.checkpoint.Checkpointer,
-dinospec.dist, dinospec.model_info.count_flops; synthetic batches and timm models come from scripts/bench_*.py.
+Everything runs dinospec's own code: SSLMetaArch, dinospec.trainer's Trainee.build (compute.precision / strategy:
+autocast or FSDP2) and train_step, dinospec.parallel.wrap (compile), Trainee.state() with
+dinospec.checkpoint.Checkpointer, dinospec.dist, dinospec.model_info.count_flops; synthetic batches and timm models
+come from scripts/bench_*.py.
 
 How it stays inside the time and survives failures: this process (the parent: standard library only, it never
 touches CUDA) starts one worker process that runs the checks one after the other and reports each start, partial
@@ -50,12 +51,15 @@ import subprocess
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 if TYPE_CHECKING:  # the parent never imports torch; the worker does
     import torch
+
+    from dinospec.trainer import Trainee
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"
@@ -500,81 +504,58 @@ def make_batches(cfg: Any, n: int, device: "torch.device", seed: int = 0) -> lis
     return list(_batches((synthetic_batch(cfg, seed + i) for i in range(n)), device))
 
 
-class Trainee:
-    """dinospec/trainer.py's model, optimizer and loop body for one process or rank.
+def build_trainee(cfg: Any, device: "torch.device", precision: str = "fp32", strategy: str = "none",
+                  seed: int | None = None, on_device: bool = False) -> Trainee:
+    """A dinospec.trainer.Trainee built in set_up's order (seed, SSLMetaArch, per-rank seed, Trainee.build with
+    compute.precision / compute.strategy), its progress placed after warmup and the last-layer freeze so every
+    parameter moves. on_device=True builds the model directly on the device (a ViT-L initialised on the CPU takes
+    seconds; the values differ, which speed checks do not care about)."""
+    from contextlib import nullcontext
 
-    Built in the trainer's order (seed, SSLMetaArch, per-rank seed, trainer._wrap for autocast / FSDP2 / compile,
-    build_optimizer); `step` is train()'s loop body: schedules, zero_grad, losses under autocast, the non-finite
-    check, backward, trainer._clip, AdamW, EMA. The schedules are read from after warmup and the last-layer freeze,
-    so every parameter moves. on_device=True builds the model directly on the device (a ViT-L initialised on the
-    CPU takes seconds; the values differ, which speed checks do not care about).
-    """
+    import torch
+    from omegaconf import OmegaConf
 
-    def __init__(self, cfg: Any, device: "torch.device", precision: str = "fp32", strategy: str = "none",
-                 seed: int | None = None, on_device: bool = False):
-        import torch
-        from contextlib import nullcontext
+    from dinospec import dist as ddist
+    from dinospec.rng import seed_all
+    from dinospec.ssl.meta_arch import SSLMetaArch
+    from dinospec.trainer import Trainee
 
-        from dinospec import dist as ddist
-        from dinospec import trainer
-        from dinospec.rng import seed_all
-        from dinospec.ssl.meta_arch import SSLMetaArch
-        from dinospec.ssl.optim import build_optimizer
-        from dinospec.ssl.schedules import build_schedules
+    cfg = OmegaConf.merge(cfg, {"compute": {"precision": precision, "strategy": strategy},
+                                "train": {"nonfinite": "stop"}})  # a non-finite loss: NonFiniteLoss, the check's FAIL
+    seed = cfg.train.seed if seed is None else seed
+    torch.manual_seed(seed)
+    with torch.device(device) if on_device else nullcontext():
+        meta = SSLMetaArch(cfg)
+    seed_all(seed + 1 + ddist.rank())
+    t = Trainee.build(cfg, meta.to(device), device, ddist.world_size())
+    o = cfg.optim
+    t.progress.step = max(o.warmup_epochs, o.freeze_last_layer_epochs) * cfg.train.official_epoch_length
+    return t
 
-        self.cfg, self.device, self.strategy = cfg, device, strategy
-        seed = cfg.train.seed if seed is None else seed
-        torch.manual_seed(seed)
-        if on_device:
-            with torch.device(device):
-                self.meta = SSLMetaArch(cfg)
-        else:
-            self.meta = SSLMetaArch(cfg).to(device)
-        seed_all(seed + 1 + ddist.rank())
-        self.dtype = torch.bfloat16 if precision == "bf16" else None
-        self.student_forward = trainer._wrap(self.meta, cfg, strategy, device, self.dtype)
-        self.optimizer = build_optimizer(self.meta.student, cfg)
-        self.sched = build_schedules(cfg, None, cfg.train.batch_size_per_gpu * ddist.world_size())
-        o = cfg.optim
-        self.first_step = max(o.warmup_epochs, o.freeze_last_layer_epochs) * cfg.train.official_epoch_length
-        self.autocast = torch.autocast(device.type, dtype=self.dtype) \
-            if self.dtype is not None and strategy != "fsdp" else nullcontext()
-        self.progress = trainer.Progress(device)
 
-    def losses(self, batch: dict[str, Any]) -> dict[str, "torch.Tensor"]:
-        now = self.sched.at(self.first_step + self.progress.step)
-        with self.autocast:
-            return self.meta.losses(batch, now["teacher_temp"], self.student_forward)
+def step(t: Trainee, batch: dict[str, Any]) -> dict[str, "torch.Tensor"]:
+    """The trainer's step (train_step, with its diagnostics) at the trainee's next step."""
+    from dinospec.trainer import train_step
 
-    def step(self, batch: dict[str, Any]) -> dict[str, "torch.Tensor"]:
-        import torch
+    return train_step(t, batch, t.progress.step)
 
-        from dinospec import dist as ddist
-        from dinospec.ssl.optim import apply_schedules
-        from dinospec.trainer import _clip
 
-        now = self.sched.at(self.first_step + self.progress.step)
-        apply_schedules(self.optimizer, now["lr"], now["wd"], now["last_layer_lr"])
-        self.optimizer.zero_grad(set_to_none=True)
-        with self.autocast:
-            losses = self.meta.losses(batch, now["teacher_temp"], self.student_forward)
-        loss = losses["loss"]
-        if ddist.any_rank(not bool(torch.isfinite(loss)), self.device):
-            raise FloatingPointError(f"non-finite loss at step {self.progress.step}: "
-                                     f"{ {k: float(v) for k, v in losses.items()} }")
-        loss.backward()
-        _clip(self.meta, self.cfg.optim.clip_grad)
-        self.optimizer.step()
-        self.meta.update_teacher(now["momentum"])
-        self.progress.step += 1
-        return {k: v.detach() for k, v in losses.items()}
+def forward_losses(t: Trainee, batch: dict[str, Any]) -> dict[str, "torch.Tensor"]:
+    """The next step's losses alone, under the run's cast (no update): gradients to compare."""
+    with t.par.autocast:
+        return t.meta.losses(batch, t.sched.at(t.progress.step)["teacher_temp"], t.par.student_forward)
 
-    def state(self) -> dict[str, Any]:
-        """What train() checkpoints."""
-        from dinospec.trainer import ModelState, OptimState
 
-        return {"model": ModelState(self.meta), "optim": OptimState(self.meta.student, self.optimizer),
-                "train": self.progress}
+@contextmanager
+def fsdp_on_one_rank() -> Iterator[None]:
+    """compute.strategy=fsdp kept at world size 1, where the trainer's resolve_strategy picks a plain module: the
+    numerics of FSDP2's MixedPrecisionPolicy without a second GPU."""
+    from unittest import mock
+
+    from dinospec import parallel
+
+    with mock.patch.object(parallel, "resolve_strategy", lambda strategy, device: strategy):
+        yield
 
 
 def floats(losses: dict[str, Any]) -> dict[str, float]:
@@ -616,8 +597,8 @@ def fp32_reference(ctx: Ctx) -> list[dict[str, float]]:
     if "fp32_ref" not in ctx.cache:
         cfg = load_cfg(ctx.sizes.correct + [f"train.batch_size_per_gpu={ctx.sizes.correct_batch}"])
         batches = make_batches(cfg, ctx.sizes.correct_steps, ctx.device)
-        trainee = Trainee(cfg, ctx.device, "fp32")
-        ctx.cache["fp32_ref"] = [floats(trainee.step(b)) for b in batches]
+        trainee = build_trainee(cfg, ctx.device, "fp32")
+        ctx.cache["fp32_ref"] = [floats(step(trainee, b)) for b in batches]
     return ctx.cache["fp32_ref"]
 
 
@@ -627,7 +608,7 @@ def timed_steps(ctx: Ctx, trainee: Trainee, batch: dict[str, Any], n: int) -> li
     for _ in range(n):
         ctx.sync()
         t = time.perf_counter()
-        trainee.step(batch)
+        step(trainee, batch)
         ctx.sync()
         times.append(time.perf_counter() - t)
     return times
@@ -657,9 +638,9 @@ def vitl(ctx: Ctx, spec: str = "paper") -> tuple[Trainee, dict[str, Any]]:
         while True:
             try:
                 cfg = load_cfg(ctx.sizes.speed + [f"spec={spec}", f"train.batch_size_per_gpu={batch}"])
-                trainee = Trainee(cfg, ctx.device, "bf16", on_device=True)
+                trainee = build_trainee(cfg, ctx.device, "bf16", on_device=True)
                 data = make_batches(cfg, 1, ctx.device)[0]
-                trainee.step(data)  # first step: cuBLAS / SDPA set-up, AdamW state; out of memory shows here
+                step(trainee, data)  # first step: cuBLAS / SDPA set-up, AdamW state; out of memory shows here
                 break
             except torch.cuda.OutOfMemoryError:
                 if batch <= 8 or others:  # a smaller batch than the cached model's would not compare
@@ -799,8 +780,8 @@ def check_bf16_autocast(ctx: Ctx) -> Result:
     cfg = load_cfg(ctx.sizes.correct + [f"train.batch_size_per_gpu={ctx.sizes.correct_batch}"])
     ref = fp32_reference(ctx)
     ctx.partial(fp32_losses=[r["loss"] for r in ref])
-    trainee = Trainee(cfg, ctx.device, "bf16")
-    runs = [floats(trainee.step(b)) for b in make_batches(cfg, ctx.sizes.correct_steps, ctx.device)]
+    trainee = build_trainee(cfg, ctx.device, "bf16")
+    runs = [floats(step(trainee, b)) for b in make_batches(cfg, ctx.sizes.correct_steps, ctx.device)]
     worst, per_term = compare_losses(runs, ref)
     ok = worst <= 0.02
     return Result(PASS if ok else FAIL,
@@ -838,13 +819,13 @@ def check_fsdp2_ws1(ctx: Ctx) -> Result:
     cfg = load_cfg(ctx.sizes.correct + [f"train.batch_size_per_gpu={ctx.sizes.correct_batch}"])
     ref = fp32_reference(ctx)
     batches = make_batches(cfg, ctx.sizes.correct_steps, ctx.device)
-    with single_rank_group(ctx) as backend:
-        trainee = Trainee(cfg, ctx.device, "bf16", strategy="fsdp")
-        mixed = [floats(trainee.step(b)) for b in batches]
+    with single_rank_group(ctx) as backend, fsdp_on_one_rank():
+        trainee = build_trainee(cfg, ctx.device, "bf16", strategy="fsdp")
+        mixed = [floats(step(trainee, b)) for b in batches]
         ctx.partial(backend=backend, bf16_losses=[r["loss"] for r in mixed])
         del trainee
-        trainee = Trainee(cfg, ctx.device, "fp32", strategy="fsdp")
-        full = [floats(trainee.step(b)) for b in batches]
+        trainee = build_trainee(cfg, ctx.device, "fp32", strategy="fsdp")
+        full = [floats(step(trainee, b)) for b in batches]
     worst, per_term = compare_losses(mixed, ref)
     worst32, _ = compare_losses(full, ref)
     ok = worst <= 0.02 and worst32 <= 1e-4
@@ -883,14 +864,14 @@ def _rank_main(local_rank: int, world: int, port: int, dry: bool, overrides: lis
         out: dict[str, Any] = {"backend": str(torch.distributed.get_backend())}
         trainees = {}
         for precision in ("fp32", "bf16"):
-            trainees[precision] = Trainee(cfg, device, precision, strategy="fsdp")
-            out[precision] = [ddist.mean_over_ranks(floats(trainees[precision].step(b)), device) for b in batches]
+            trainees[precision] = build_trainee(cfg, device, precision, strategy="fsdp")
+            out[precision] = [ddist.mean_over_ranks(floats(step(trainees[precision], b)), device) for b in batches]
         # the multi-GPU checkpoint path (issue #12: Progress all-gathered CPU RNG states on the NCCL group)
         try:
             trainee = trainees["bf16"]
             ckpt = Checkpointer(Path(work) / "run", keep_last=1)
             ckpt.save(trainee.progress.step, trainee.state(), config_yaml=to_yaml(cfg))
-            fresh = Trainee(cfg, device, "bf16", strategy="fsdp", seed=cfg.train.seed + 7)
+            fresh = build_trainee(cfg, device, "bf16", strategy="fsdp", seed=cfg.train.seed + 7)
             ckpt.load(fresh.state())
             same = all(bool((a.full_tensor() == b.full_tensor()).all()) for a, b in
                        zip(trainee.meta.student.parameters(), fresh.meta.student.parameters()))
@@ -1069,8 +1050,8 @@ def check_checkpoint_resume(ctx: Ctx) -> Result:
     flagged: set[str] = set()
 
     def straight() -> tuple[list[float], dict[str, torch.Tensor]]:
-        t = Trainee(cfg, ctx.device, precision)
-        losses = [float(t.step(b)["loss"]) for b in batches]
+        t = build_trainee(cfg, ctx.device, precision)
+        losses = [float(step(t, b)["loss"]) for b in batches]
         return losses, _state_tensors(t)
 
     torch.use_deterministic_algorithms(True, warn_only=True)  # what train.deterministic=true sets
@@ -1080,15 +1061,15 @@ def check_checkpoint_resume(ctx: Ctx) -> Result:
             warnings.simplefilter("always")
             losses_a, state_a = straight()
             ctx.partial(uninterrupted_losses=losses_a)
-            first = Trainee(cfg, ctx.device, precision)
-            losses_b = [float(first.step(b)["loss"]) for b in batches[: steps // 2]]
+            first = build_trainee(cfg, ctx.device, precision)
+            losses_b = [float(step(first, b)["loss"]) for b in batches[: steps // 2]]
             ckpt = Checkpointer(Path(tmp) / "run", keep_last=1)
             ckpt.save(first.progress.step, first.state(), config_yaml=to_yaml(cfg))
             del first
-            resumed = Trainee(cfg, ctx.device, precision, seed=cfg.train.seed + 7)  # other weights: load must overwrite
+            resumed = build_trainee(cfg, ctx.device, precision, seed=cfg.train.seed + 7)  # other weights: load must overwrite
             ckpt.load(resumed.state())
             ckpt.close()
-            losses_b += [float(resumed.step(b)["loss"]) for b in batches[steps // 2:]]
+            losses_b += [float(step(resumed, b)["loss"]) for b in batches[steps // 2:]]
             state_b = _state_tensors(resumed)
             differ = sorted(k for k in state_a if not torch.equal(state_a[k], state_b[k]))
             figures: dict[str, Any] = {"precision": precision, "tensors": len(state_a), "differ": len(differ),
@@ -1126,7 +1107,7 @@ def profile_steps(ctx: Ctx, trainee: Trainee, batch: dict[str, Any], steps: int,
     t = time.perf_counter()
     with profile(activities=activities) as prof:
         for _ in range(steps):
-            trainee.step(batch)
+            step(trainee, batch)
         ctx.sync()
     wall_ms = (time.perf_counter() - t) * 1e3 / steps
     events = prof.key_averages()
@@ -1347,20 +1328,21 @@ def _compile_setup(ctx: Ctx) -> None:
 
 
 def compile_blocks(trainee: Trainee, backend: str) -> None:
-    """The trainer's compile: trainer._wrap with compute.compile=true (block.compile() on student and teacher).
-    Another backend (dry run) is bound to each block's compile() first, so _wrap itself still does the work."""
+    """The trainer's compile: dinospec.parallel.wrap with compute.compile=true (block.compile() on student and
+    teacher), in place on a built trainee. Another backend (dry run) is bound to each block's compile() first, so
+    wrap itself still does the work."""
     from functools import partial
 
     from omegaconf import OmegaConf
 
-    from dinospec.trainer import _wrap
+    from dinospec.parallel import wrap
 
     if backend != "inductor":
         for part in (trainee.meta.student, trainee.meta.teacher):
             for block in part.backbone.blocks:
                 block.compile = partial(block.compile, backend=backend)
     cfg = OmegaConf.merge(trainee.cfg, {"compute": {"compile": True}})
-    _wrap(trainee.meta, cfg, "none", trainee.device, trainee.dtype)
+    wrap(trainee.meta, cfg, "none", trainee.progress.device, None)  # no FSDP: the trainee's autocast still casts
 
 
 def _dynamo_counters() -> dict[str, Any]:
@@ -1382,16 +1364,16 @@ def check_compile_blocks(ctx: Ctx) -> Result:
     batches = make_batches(cfg, 3, ctx.device)
     runs = {}
     for mode in ("eager", "compiled"):
-        trainee = Trainee(cfg, ctx.device, "fp32")
+        trainee = build_trainee(cfg, ctx.device, "fp32")
         t = time.perf_counter()
         if mode == "compiled":
             compile_blocks(trainee, ctx.sizes.compile_backend)
-        losses = trainee.losses(batches[0])
+        losses = forward_losses(trainee, batches[0])
         losses["loss"].backward()
         first_s = time.perf_counter() - t
         grads = [p.grad.detach().clone() for p in trainee.meta.student.parameters() if p.grad is not None]
         trainee.optimizer.zero_grad(set_to_none=True)
-        later = [float(trainee.step(b)["loss"]) for b in batches[1:]]
+        later = [float(step(trainee, b)["loss"]) for b in batches[1:]]
         runs[mode] = (floats(losses), grads, later, first_s)
         if mode == "compiled":
             ctx.partial(first_call_s=first_s)
@@ -1470,8 +1452,8 @@ def check_compile_speed(ctx: Ctx) -> Result:
     if trainer_error:
         summary = (f"the trainer's compute.compile FAILS on this step ({trainer_error[:160]}); with "
                    f"specialize_float=True: " + summary)
-        notes.append("trainer._wrap compiles student and teacher blocks, which share Block.forward with drop_path "
-                     "0.3 (student) and 0.0 (teacher): dynamo's automatic dynamic then traces the float as a symbolic "
+        notes.append("dinospec.parallel.wrap compiles student and teacher blocks, which share Block.forward with "
+                     "drop_path 0.3 (student) and 0.0 (teacher): dynamo's automatic dynamic then traces the float as a symbolic "
                      "float, and add_residual_of_subset's int(b * (1 - drop_rate)) cannot be lifted "
                      f"(dinospec/models/vit.py): {trainer_error}")
     return Result(FAIL if trainer_error else PASS, summary, figures,
