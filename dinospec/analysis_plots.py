@@ -21,10 +21,20 @@ def _blocks_axis(ax: Axes, depth: int) -> None:
     ax.grid(alpha=0.3)
 
 
-def plot_cosine(res: dict, path: Path) -> None:
+def _over_blocks(res: dict, sharey: bool = False) -> tuple[Figure, np.ndarray, range]:
+    """A figure of two panels side by side, each a curve per block: the layout of the per-block analyses."""
     fig = Figure(figsize=(10, 4))
-    axes = fig.subplots(1, 2, sharey=True)
-    blocks = range(res["depth"])
+    return fig, fig.subplots(1, 2, sharey=sharey), range(res["depth"])
+
+
+def _save(fig: Figure, path: Path) -> None:
+    """Every analysis PNG laid out and written alike (120 dpi)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def plot_cosine(res: dict, path: Path) -> None:
+    fig, axes, blocks = _over_blocks(res, sharey=True)
     for ax, key, title in zip(axes, ("cls_patch", "patch_patch"), ("[CLS] vs patch", "patch vs patch (i != j)")):
         ax.plot(blocks, res["cosine"]["before_norm1"][key], "o--", label="before norm1 (residual stream)")
         ax.plot(blocks, res["cosine"]["after_norm1"][key], "s-", label="after norm1")
@@ -34,8 +44,7 @@ def plot_cosine(res: dict, path: Path) -> None:
     axes[0].set_ylabel("mean cosine similarity")
     axes[0].legend()
     fig.suptitle(f"Token similarity through the pre-attention LayerNorm ({res['num_images']} images)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
 
 
 def plot_channels(res: dict, path: Path) -> None:
@@ -59,15 +68,12 @@ def plot_channels(res: dict, path: Path) -> None:
     ax2.set_title("Channels specialised to one token type")
     _blocks_axis(ax2, res["depth"])
     ax2.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
 
 
 def plot_gains(res: dict, path: Path) -> None:
     g = res["norm1_gain"]
-    fig = Figure(figsize=(10, 4))
-    ax1, ax2 = fig.subplots(1, 2)
-    blocks = np.arange(res["depth"])
+    fig, (ax1, ax2), blocks = _over_blocks(res)
     ax1.plot(blocks, g["cls_mean_abs"], "o-", color="tab:red", label="[CLS] group")
     ax1.plot(blocks, g["patch_mean_abs"], "s--", color="tab:blue", label="patch group")
     shared = [i for i, r in enumerate(g["routed"]) if not r]
@@ -90,15 +96,12 @@ def plot_gains(res: dict, path: Path) -> None:
         ax2.axis("off")
         ax2.text(0.5, 0.5, "norm1 is shared by all tokens in every block:\nno per-group gains to compare",
                  ha="center", va="center", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
 
 
 def plot_high_norm(res: dict, path: Path) -> None:
     h = res["high_norm"]
-    fig = Figure(figsize=(10, 4))
-    ax1, ax2 = fig.subplots(1, 2)
-    blocks = range(res["depth"])
+    fig, (ax1, ax2), blocks = _over_blocks(res)
     ax1.plot(blocks, h["max_over_median"], "o-")
     ax1.set_ylabel("max / median patch-token norm")
     ax1.set_title("Largest patch-token norm (mean over images)")
@@ -110,8 +113,7 @@ def plot_high_norm(res: dict, path: Path) -> None:
     ax1.set_ylim(0.9, max(2.0, 1.1 * max(h["max_over_median"])))  # the ratio is >= 1; keep flat curves flat
     ax2.set_ylim(-0.05, max(1.0, 1.1 * max(h["outliers_per_image"])))
     fig.suptitle("High-norm tokens on each block's output")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
 
 
 def plot_pca(pictures: list[tuple[str, np.ndarray, np.ndarray]], path: Path) -> None:
@@ -130,5 +132,4 @@ def plot_pca(pictures: list[tuple[str, np.ndarray, np.ndarray]], path: Path) -> 
     axes[0, 0].set_ylabel("image")
     axes[1, 0].set_ylabel("PCA 1-3 as RGB")
     fig.suptitle("Last-layer patch features: first 3 principal components per image")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
