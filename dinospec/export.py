@@ -1,13 +1,6 @@
 """Exports: a run's backbone, or released weights, as model.safetensors + config.json, rebuilt later without pickle
 (the `dinospec export` command itself is dinospec/export_cmd.py, which parses its arguments before torch loads).
 
-    dinospec export runs/demo --out exports/demo                      # teacher of the latest checkpoint
-    dinospec export runs/demo --step 2000 --which student --out exports/demo_student
-    dinospec export runs/distill --student 1 --out exports/distill_s1  # a distillation run's first extra student
-    dinospec export runs/demo --out exports/demo_timm --format timm   # vanilla spec only: timm loads it
-    dinospec export dinov2_vitb14_reg4_pretrain.pth --out exports/vitb_paper spec=paper   # weights file + spec
-    dinospec export dinov3_vits16.pth --out exports/v3s --img-size 224 # DINOv3 format (RoPE) too
-
 From a weights file (DINOv2 / DINOv3 format, or a dinospec export dir) the architecture is read from the weights
 and the settings from their family (interpolation of DINOv2's register models, DINOv3's RoPE); ``spec=NAME`` or
 ``spec.*`` / ``student.*`` overrides convert it, e.g. into a specialised backbone that computes what the released

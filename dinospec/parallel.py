@@ -38,8 +38,11 @@ def configure_process(cfg: DictConfig) -> None:
 
 
 def resolve_strategy(strategy: str, device: torch.device) -> str:
-    """auto: FSDP2 on GPU with several ranks, DDP on CPU with several ranks; a plain module alone."""
-    if world_size() == 1 or strategy == "none":
+    """auto: FSDP2 on GPU with several ranks, DDP on CPU with several ranks; a plain module alone. An explicit
+    fsdp / ddp is kept on one rank when a process group is up (a one-GPU check of FSDP2's numerics); with no
+    group there is nothing to shard over: a plain module."""
+    alone = world_size() == 1
+    if strategy == "none" or (alone and (strategy == "auto" or not torch.distributed.is_initialized())):
         return "none"
     return strategy if strategy != "auto" else "fsdp" if device.type == "cuda" else "ddp"
 

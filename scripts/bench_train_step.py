@@ -248,8 +248,10 @@ def check_layouts(bench: Bench, batch: dict[str, Any]) -> list[str]:
         with torch.no_grad():  # the student's outputs themselves
             args = (batch["global_crops"], batch["local_crops"], batch["masks"])
             ref = bench.meta.student(*args)
-            out_diff = {k: max(float((f(*args)[key] - ref[key]).abs().max()) for key in ref if ref[key] is not None)
-                        for k, f in bench.forwards.items() if f is not None}
+            outs = {k: f(*args) for k, f in bench.forwards.items() if f is not None}
+            # the keys both give (the layouts' one-pass forwards do not return the Gram loss's patch features)
+            out_diff = {k: max(float((out[key] - ref[key]).abs().max()) for key in ref
+                               if ref[key] is not None and key in out) for k, out in outs.items()}
         for layout in LAYOUTS:
             bench.meta.zero_grad(set_to_none=True)
             losses = bench.losses(batch, layout)

@@ -51,7 +51,6 @@ import subprocess
 import sys
 import time
 import traceback
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -534,10 +533,10 @@ def build_trainee(cfg: Any, device: "torch.device", precision: str = "fp32", str
 
 
 def step(t: Trainee, batch: dict[str, Any]) -> dict[str, "torch.Tensor"]:
-    """The trainer's step (train_step, with its diagnostics) at the trainee's next step."""
+    """The trainer's step at the trainee's next step, as the trainer runs it between log steps (no diagnostics)."""
     from dinospec.trainer import train_step
 
-    return train_step(t, batch, t.progress.step)
+    return train_step(t, batch, t.progress.step, diagnostics=False)
 
 
 def forward_losses(t: Trainee, batch: dict[str, Any]) -> dict[str, "torch.Tensor"]:
@@ -545,17 +544,6 @@ def forward_losses(t: Trainee, batch: dict[str, Any]) -> dict[str, "torch.Tensor
     with t.par.autocast:
         return t.meta.losses(batch, t.sched.at(t.progress.step)["teacher_temp"], t.par.student_forward)
 
-
-@contextmanager
-def fsdp_on_one_rank() -> Iterator[None]:
-    """compute.strategy=fsdp kept at world size 1, where the trainer's resolve_strategy picks a plain module: the
-    numerics of FSDP2's MixedPrecisionPolicy without a second GPU."""
-    from unittest import mock
-
-    from dinospec import parallel
-
-    with mock.patch.object(parallel, "resolve_strategy", lambda strategy, device: strategy):
-        yield
 
 
 def floats(losses: dict[str, Any]) -> dict[str, float]:
@@ -819,7 +807,7 @@ def check_fsdp2_ws1(ctx: Ctx) -> Result:
     cfg = load_cfg(ctx.sizes.correct + [f"train.batch_size_per_gpu={ctx.sizes.correct_batch}"])
     ref = fp32_reference(ctx)
     batches = make_batches(cfg, ctx.sizes.correct_steps, ctx.device)
-    with single_rank_group(ctx) as backend, fsdp_on_one_rank():
+    with single_rank_group(ctx) as backend:  # a process group: compute.strategy=fsdp is kept on one rank
         trainee = build_trainee(cfg, ctx.device, "bf16", strategy="fsdp")
         mixed = [floats(step(trainee, b)) for b in batches]
         ctx.partial(backend=backend, bf16_losses=[r["loss"] for r in mixed])

@@ -153,3 +153,18 @@ def test_signal_log_records_signals_whatever_handler_runs():
         assert quiet.received == set()
     finally:
         signal.signal(signal.SIGUSR2, previous)
+
+
+def test_strategy_alone_is_a_plain_module_unless_a_group_is_up(tmp_path):
+    """auto on one rank: a plain module. An explicit ddp / fsdp on one rank is kept only when a real process group
+    is up (a one-GPU check of FSDP2's numerics); with none there is nothing to shard over."""
+    from dinospec.parallel import resolve_strategy
+
+    cpu = torch.device("cpu")
+    assert [resolve_strategy(s, cpu) for s in ("auto", "ddp", "fsdp", "none")] == ["none"] * 4
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        assert [resolve_strategy(s, cpu) for s in ("auto", "ddp", "fsdp", "none")] == ["none", "ddp", "fsdp", "none"]
+    finally:
+        torch.distributed.destroy_process_group()

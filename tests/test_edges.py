@@ -285,7 +285,7 @@ def one_rank_group(tmp_path):
 def test_cpu_tensor_collective_on_a_cuda_only_group_is_refused(one_rank_group):
     """A group that serves CUDA only (what a plain NCCL group is) gets the trainer's CPU RNG states: refused with a
     message, on a CPU machine, instead of failing on the first GPU checkpoint."""
-    from dinospec.trainer import Progress
+    from dinospec.checkpoint_state import Progress
 
     one_rank_group("cuda:gloo")
     assert dist.served_devices(tdist.get_backend_config()) == {"cuda"}
@@ -300,7 +300,7 @@ def test_cpu_tensor_collective_on_a_cuda_only_group_is_refused(one_rank_group):
 def test_the_gpu_device_map_serves_cpu_state(one_rank_group):
     """The default group dinospec creates on GPU serves CPU tensors through gloo: with the same device map (gloo
     standing in for NCCL, which this machine lacks) the trainer's state and collectives go through."""
-    from dinospec.trainer import Progress
+    from dinospec.checkpoint_state import Progress
 
     assert dist.backend_for(use_cuda=True) == "cpu:gloo,cuda:nccl"
     assert dist.served_devices(dist.backend_for(use_cuda=True)) == {"cpu", "cuda"}
