@@ -16,17 +16,15 @@ process CPU time and of wall time per step, and ratios against `ssl`. Use --thre
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train_step import synthetic_batch  # noqa: E402
+from step_timing import add_step_arguments, report, size_overrides, time_rotating  # noqa: E402
 
 from dinospec.config import CONFIG_DIR, load_config  # noqa: E402
 from dinospec.export import save_backbone  # noqa: E402
@@ -40,18 +38,11 @@ CONFIGS = ("ssl", "distill", "distill_2")
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--recipe", default=str(CONFIG_DIR / "recipe" / "dinov3_vits16.yaml"))
+    add_step_arguments(p, reps=3)
     p.add_argument("--teacher-arch", default="vit_base")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--local-crops", type=int, default=8)
-    p.add_argument("--prototypes", type=int, default=65536)
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--json", default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    common = [f"train.batch_size_per_gpu={args.batch}", f"crops.local_crops_number={args.local_crops}",
-              f"dino.head_n_prototypes={args.prototypes}", f"ibot.head_n_prototypes={args.prototypes}"]
+    common = size_overrides(args)
     recipes = [args.recipe, str(CONFIG_DIR / "recipe" / "dinov3_distill.yaml")]
     with tempfile.TemporaryDirectory() as tmp:
         teacher_cfg = load_config([args.recipe], [f"student.arch={args.teacher_arch}"])
@@ -74,31 +65,15 @@ def main() -> int:
     at = cfg.optim.warmup_epochs * cfg.train.official_epoch_length + 1  # after warmup and freeze
     batch = synthetic_batch(cfg)
 
-    def step(name: str) -> tuple[float, float]:
-        w0, c0 = time.perf_counter(), time.process_time()
+    def step(name: str) -> None:
         losses = train_step(trainees[name], batch, at)
         assert ("dino_loss_s1" in losses) == (name == "distill_2")
-        return time.perf_counter() - w0, time.process_time() - c0
 
-    for name in CONFIGS:  # warm-up
-        step(name)
-    wall: dict[str, list[float]] = {n: [] for n in CONFIGS}
-    cpu: dict[str, list[float]] = {n: [] for n in CONFIGS}
-    for rep in range(args.reps):
-        for name in CONFIGS[rep % 3:] + CONFIGS[:rep % 3]:
-            w, c = step(name)
-            wall[name].append(w)
-            cpu[name].append(c)
     result = {"recipe": Path(args.recipe).name, "teacher_arch": args.teacher_arch, "batch": args.batch,
               "global_size": cfg.crops.global_crops_size, "local_crops": args.local_crops,
               "prototypes": args.prototypes, "threads": args.threads, "reps": args.reps,
-              "cpu_s": {n: statistics.median(v) for n, v in cpu.items()},
-              "wall_s": {n: statistics.median(v) for n, v in wall.items()}}
-    result["cpu_ratio"] = {n: result["cpu_s"][n] / result["cpu_s"]["ssl"] for n in CONFIGS[1:]}
-    result["wall_ratio"] = {n: result["wall_s"][n] / result["wall_s"]["ssl"] for n in CONFIGS[1:]}
-    print(json.dumps(result, indent=1))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+              **time_rotating(step, CONFIGS, args.reps)}
+    report(result, args.json)
     return 0
 
 
