@@ -99,11 +99,12 @@ def test_eval_refuses_missing_paths_before_importing_torch(tmp_path, no_torch, a
      "--max-images: invalid int value: 'many'"),
     ("export", ["--help"], 0, "stdout", "--img-size"),
     ("export", ["runs/x", "--out", "y", "--step", "two"], 2, "stderr", "--step: invalid int value: 'two'"),
+    ("index", ["--help"], 0, "stdout", "--workers"),
 ])
 def test_commands_parse_their_arguments_without_importing_torch(tmp_path, no_torch, command, args, rc, stream,
                                                                  message):
-    """`dinospec analyze` and `export` import torch (measurements, plots, weights) only once their arguments are
-    parsed."""
+    """`dinospec analyze`, `export` and `index` import torch (measurements, plots, weights) only once their
+    arguments are parsed (index: never)."""
     env = {**os.environ, "PYTHONPATH": f"{no_torch}{os.pathsep}{REPO}"}
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "dinospec.cli", command, *args], cwd=tmp_path, env=env,
