@@ -209,8 +209,7 @@ def set_up(cfg: DictConfig, resume: str, env: dist.DistEnv, device: torch.device
     if resume != "never":  # a checkpoint from before Gram anchoring was on has no Gram teacher: it is taken anew
         checkpointer.load({k: v for k, v in t.state().items() if k != "gram" or saved_gram},
                           path=None if resume == "auto" else resume)
-    if hasattr(meta, "check_teacher_unchanged"):
-        meta.check_teacher_unchanged()
+    meta.check_loaded()
     start, steps, global_batch = t.progress.step, total_steps(cfg), cfg.train.batch_size_per_gpu * env.world_size
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -196,7 +196,7 @@ class DistillMetaArch(SSLMetaArch):
         pairs = [build_student_pair(cfg, student, spec) for student, spec in distill_members(cfg)]
         return MultiStudent([s for s, _ in pairs]), MultiStudent([t for _, t in pairs])
 
-    def check_teacher_unchanged(self) -> None:
+    def check_loaded(self) -> None:
         """After loading a checkpoint: ConfigError when distill.teacher now holds other weights than the run's."""
         from dinospec.config import ConfigError
 

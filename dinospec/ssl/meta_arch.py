@@ -104,6 +104,10 @@ class SSLMetaArch(nn.Module):
                                        center_momentum=t.center_momentum)
         self.koleo_loss = KoLeoLoss(scope=cfg.dino.koleo_scope)
 
+    def check_loaded(self) -> None:
+        """After a checkpoint is loaded: ConfigError if what it was trained against has changed (a plain run has
+        nothing outside its checkpoint; a distillation run checks its teacher)."""
+
     @staticmethod
     def build_students(cfg: Any) -> tuple[Student, Student]:
         """The trainable student module and its EMA teacher's (whose weights are overwritten by the student's)."""
